@@ -1,0 +1,547 @@
+"""Live aggregate of the tracer's records, for the dashboard and the control socket.
+
+:class:`State` is a pure aggregator: it is fed the records described in
+docs/events.md (dicts, one per JSONL line) through :meth:`State.observe` and
+answers :meth:`State.snapshot` with a JSON-serialisable summary. It does no
+I/O and reads no clock of its own except ``time.time()`` as the default
+``now`` of :meth:`snapshot` (pass ``now`` explicitly when replaying).
+
+``observe`` is on the pipeline's hot path: per record it costs one dict
+dispatch, one uncontended lock, and a couple of integer updates (about a
+microsecond). ``snapshot`` is called a few times per second and does the
+sorting, pruning and formatting work.
+
+Record kinds handled (besides every kernel event, which is counted):
+
+* ``ready``           -> mode, scope, policy_version, selftest
+* ``episode_start``   -> new episode, ``running``; ``root_pid`` becomes a member
+* ``episode_end``     -> ``ended`` (``killed`` when ``reason == "killed"``)
+* ``fork``/``exec``/``exit`` -> live process count of the episode
+* ``connect``         -> connect count of the episode
+* ``alert``           -> alert feed, per-episode alert count; an *enforced*
+  ``kill-episode`` marks the episode ``killed``, ``freeze-episode`` ``frozen``
+* ``gpu``             -> per-episode GPU memory / SM utilisation (latest
+  sample per (pid, GPU))
+* ``gpu_node``        -> ``{"type": "gpu_node", "gpus": [...]}`` replaces the
+  node's GPU list
+* ``gpu_status``      -> ``{"type": "gpu_status", "status": "ok" | reason}``
+* ``lost``            -> lost event counters
+* ``stats``           -> ``lost_total`` is never shown below the pipeline's own
+* ``policy_reload``   -> ``policy_version``
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Iterable
+
+__all__ = [
+    "State",
+    "EPISODE_STATES",
+    "ALERT_HISTORY",
+    "ENDED_KEEP_S",
+    "ENDED_KEEP_MAX",
+    "RATE_HISTORY_S",
+]
+
+EPISODE_STATES = ("running", "frozen", "killed", "ended")
+ALERT_HISTORY = 200          # alert records kept for the feed
+ENDED_KEEP_S = 600.0         # ended/killed-and-ended episodes are kept this long ...
+ENDED_KEEP_MAX = 200         # ... and at most this many of them
+RATE_HISTORY_S = 60          # seconds of events/s history in a snapshot
+RATE_WINDOW_S = 3            # complete seconds averaged for events_per_s
+GPU_STALE_S = 5.0            # a per-process GPU sample older than the newest by this much is ignored
+_PRUNED_MEMORY = 1000        # ids of pruned episodes remembered, so late records do not revive them
+
+# Record kinds that are not themselves traced events: they are not counted in
+# events_total / events_per_s.
+_META_KINDS = frozenset(
+    {
+        "ready", "stats", "lost", "gpu", "gpu_node", "gpu_status", "alert",
+        "episode_start", "episode_end", "policy_reload",
+    }
+)
+
+
+class _Episode:
+    __slots__ = (
+        "id", "state", "pids", "execs", "connects", "alerts", "gpu",
+        "started", "ended", "last_alert_ts", "last_event_ts", "source",
+        "exit_code", "end_reason",
+    )
+
+    def __init__(self, episode_id: str, ts: float, source: str | None = None) -> None:
+        self.id = episode_id
+        self.state = "running"
+        self.pids: set[int] = set()
+        self.execs = 0
+        self.connects = 0
+        self.alerts = 0
+        # (pid, gpu_index) -> (used_mib, sm_util, ts)
+        self.gpu: dict[tuple[int, Any], tuple[float, float | None, float]] = {}
+        self.started = ts
+        self.ended: float | None = None
+        self.last_alert_ts: float | None = None
+        self.last_event_ts = ts
+        self.source = source
+        self.exit_code: int | None = None
+        self.end_reason: str | None = None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    return None
+
+
+class State:
+    """Aggregates tracer records into a dashboard snapshot. Thread-safe."""
+
+    def __init__(
+        self,
+        node: str,
+        mode: str,
+        policy_version: str,
+        started: float,
+        scope: str,
+    ) -> None:
+        self.node = node
+        self.mode = mode
+        self.policy_version = policy_version
+        self.started = started
+        self.scope = scope
+        self.version: str | None = None
+        self.selftest: dict[str, str] = {}
+        self.events_total = 0
+        self.events_by_kind: dict[str, int] = {}
+        self.lost_by_kind: dict[str, int] = {}
+        self._lost_reported = 0           # lost_total as reported by `stats` records
+        self.gpus: list[dict[str, Any]] = []
+        self.gpu_status = "waiting for the GPU watcher"
+        self._episodes: dict[str, _Episode] = {}
+        self._pruned: dict[str, None] = {}   # insertion-ordered set
+        self._pid_ep: dict[int, _Episode] = {}
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_HISTORY)
+        self._alerts_total = 0
+        self._last_gpu_ts = 0.0
+        self._n_ended = 0
+        # events/s: the current second's count, plus completed seconds
+        self._cur_sec = 0
+        self._cur_n = 0
+        self._buckets: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._handlers = {
+            "ready": self._on_ready,
+            "fork": self._on_fork,
+            "exec": self._on_exec,
+            "exit": self._on_exit,
+            "connect": self._on_connect,
+            "alert": self._on_alert,
+            "gpu": self._on_gpu,
+            "gpu_node": self._on_gpu_node,
+            "gpu_status": self._on_gpu_status,
+            "lost": self._on_lost,
+            "stats": self._on_stats,
+            "episode_start": self._on_episode_start,
+            "episode_end": self._on_episode_end,
+            "policy_reload": self._on_policy_reload,
+        }
+
+    # ------------------------------------------------------------------ hot path
+    def observe(self, record: dict[str, Any]) -> None:
+        """Update the aggregate from one record (any kind; unknown kinds count as events)."""
+        kind = record.get("type")
+        ts = record.get("ts") or 0.0
+        with self._lock:
+            if kind not in _META_KINDS:
+                self._count(kind, ts)
+            handler = self._handlers.get(kind)  # type: ignore[arg-type]
+            if handler is not None:
+                handler(record, ts)
+            else:
+                ep_id = record.get("episode")
+                if ep_id is not None:
+                    self._episode(ep_id, ts)
+
+    def observe_many(self, records: Iterable[dict[str, Any]]) -> None:
+        for rec in records:
+            self.observe(rec)
+
+    def _count(self, kind: Any, ts: float) -> None:
+        self.events_total += 1
+        by_kind = self.events_by_kind
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        sec = int(ts)
+        if sec == self._cur_sec:
+            self._cur_n += 1
+        elif sec > self._cur_sec:
+            if self._cur_n:
+                self._buckets[self._cur_sec] = self._buckets.get(self._cur_sec, 0) + self._cur_n
+            self._cur_sec = sec
+            self._cur_n = 1
+            if len(self._buckets) > 2 * RATE_HISTORY_S:
+                floor = sec - RATE_HISTORY_S - 1
+                for old in [s for s in self._buckets if s < floor]:
+                    del self._buckets[old]
+        elif sec >= self._cur_sec - RATE_HISTORY_S:   # slightly out-of-order record
+            self._buckets[sec] = self._buckets.get(sec, 0) + 1
+
+    def _episode(self, ep_id: Any, ts: float) -> _Episode | None:
+        """The episode record `ep_id`, created on first sight; touches its activity time."""
+        ep = self._episodes.get(ep_id)
+        if ep is None:
+            if not isinstance(ep_id, str):
+                ep_id = str(ep_id)
+                ep = self._episodes.get(ep_id)
+            if ep is None:
+                if ep_id in self._pruned:
+                    return None
+                ep = self._episodes[ep_id] = _Episode(ep_id, ts)
+        if ts > ep.last_event_ts:
+            ep.last_event_ts = ts
+        return ep
+
+    def _join(self, ep: _Episode, pid: Any) -> None:
+        if not isinstance(pid, int):
+            return
+        prev = self._pid_ep.get(pid)
+        if prev is not ep:
+            if prev is not None:         # pid reused, or moved episode: leave the old one
+                prev.pids.discard(pid)
+                self._drop_gpu(prev, pid)
+            self._pid_ep[pid] = ep
+        ep.pids.add(pid)
+
+    def _leave(self, pid: Any) -> None:
+        ep = self._pid_ep.pop(pid, None)
+        if ep is not None:
+            ep.pids.discard(pid)
+            if ep.gpu:
+                self._drop_gpu(ep, pid)
+
+    @staticmethod
+    def _drop_gpu(ep: _Episode, pid: int) -> None:
+        if ep.gpu:
+            for key in [k for k in ep.gpu if k[0] == pid]:
+                del ep.gpu[key]
+
+    # ------------------------------------------------------------------ handlers
+    def _on_ready(self, rec: dict[str, Any], ts: float) -> None:
+        for key in ("mode", "scope", "policy_version", "version"):
+            value = rec.get(key)
+            if value is not None:
+                setattr(self, key, str(value))
+        selftest = rec.get("selftest")
+        if isinstance(selftest, dict):
+            self.selftest = {str(k): str(v) for k, v in selftest.items()}
+
+    def _on_policy_reload(self, rec: dict[str, Any], ts: float) -> None:
+        value = rec.get("policy_version")
+        if value is not None:
+            self.policy_version = str(value)
+
+    def _on_fork(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is not None:
+            self._join(ep, rec.get("pid"))
+            self._join(ep, rec.get("child_pid"))
+
+    def _on_exec(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is not None:
+            ep.execs += 1
+            self._join(ep, rec.get("pid"))
+
+    def _on_exit(self, rec: dict[str, Any], ts: float) -> None:
+        pid = rec.get("pid")
+        tid = rec.get("tid")
+        if tid is not None and tid != pid:
+            return                       # a thread ended, not the process
+        self._leave(pid)
+        ep_id = rec.get("episode")
+        if ep_id is not None:
+            self._episode(ep_id, ts)
+
+    def _on_connect(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is not None:
+            ep.connects += 1
+
+    def _on_alert(self, rec: dict[str, Any], ts: float) -> None:
+        self._alerts.append(dict(rec))
+        self._alerts_total += 1
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is None:
+            return
+        ep.alerts += 1
+        if ep.last_alert_ts is None or ts > ep.last_alert_ts:
+            ep.last_alert_ts = ts
+        if rec.get("enforced"):
+            action = rec.get("action")
+            if action == "kill-episode":
+                ep.state = "killed"
+            elif action == "freeze-episode" and ep.state == "running":
+                ep.state = "frozen"
+
+    def _on_gpu(self, rec: dict[str, Any], ts: float) -> None:
+        if ts > self._last_gpu_ts:
+            self._last_gpu_ts = ts
+        ep_id = rec.get("episode")
+        pid = rec.get("pid")
+        if ep_id is None or not isinstance(pid, int):
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is None:
+            return
+        used = _num(rec.get("used_mib"))
+        ep.gpu[(pid, rec.get("gpu_index"))] = (used or 0.0, _num(rec.get("sm_util")), ts)
+        if pid not in self._pid_ep:
+            self._join(ep, pid)
+
+    def _on_gpu_node(self, rec: dict[str, Any], ts: float) -> None:
+        gpus = rec.get("gpus")
+        if isinstance(gpus, list):
+            self.gpus = [
+                {
+                    "index": g.get("index", i),
+                    "name": g.get("name"),
+                    "util": g.get("util"),
+                    "mem_used_mib": g.get("mem_used_mib"),
+                    "mem_total_mib": g.get("mem_total_mib"),
+                    "power_w": g.get("power_w"),
+                }
+                for i, g in enumerate(gpus)
+                if isinstance(g, dict)
+            ]
+            if self.gpus:
+                self.gpu_status = "ok"
+
+    def _on_gpu_status(self, rec: dict[str, Any], ts: float) -> None:
+        status = rec.get("status", rec.get("reason"))
+        if status is not None:
+            self.gpu_status = str(status)
+            if status != "ok":
+                self.gpus = []
+
+    def _on_lost(self, rec: dict[str, Any], ts: float) -> None:
+        kind = str(rec.get("kind") or "unknown")
+        total = rec.get("total")
+        if isinstance(total, int) and not isinstance(total, bool):
+            if total > self.lost_by_kind.get(kind, 0):
+                self.lost_by_kind[kind] = total
+        else:
+            count = rec.get("count")
+            if isinstance(count, int) and not isinstance(count, bool):
+                self.lost_by_kind[kind] = self.lost_by_kind.get(kind, 0) + count
+
+    def _on_stats(self, rec: dict[str, Any], ts: float) -> None:
+        lost = rec.get("lost_total")
+        if isinstance(lost, int) and not isinstance(lost, bool) and lost > self._lost_reported:
+            self._lost_reported = lost
+
+    def _on_episode_start(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep_id = str(ep_id)
+        self._pruned.pop(ep_id, None)
+        old = self._episodes.get(ep_id)
+        if old is not None and old.state in ("ended", "killed") and old.ended is not None:
+            # the id is reused for a new run: start afresh
+            for pid in old.pids:
+                if self._pid_ep.get(pid) is old:
+                    del self._pid_ep[pid]
+            del self._episodes[ep_id]
+            self._n_ended -= 1
+            old = None
+        ep = old if old is not None else self._episode(ep_id, ts)
+        assert ep is not None
+        if old is None or ts < ep.started:
+            ep.started = ts
+        source = rec.get("source")
+        if source is not None:
+            ep.source = str(source)
+        self._join(ep, rec.get("root_pid"))
+
+    def _on_episode_end(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is None:
+            return
+        reason = rec.get("reason")
+        ep.end_reason = None if reason is None else str(reason)
+        ep.exit_code = rec.get("exit_code")
+        if reason == "killed" or ep.state == "killed":
+            ep.state = "killed"
+        else:
+            ep.state = "ended"
+        if ep.ended is None:
+            self._n_ended += 1
+        ep.ended = ts
+        for pid in ep.pids:
+            if self._pid_ep.get(pid) is ep:
+                del self._pid_ep[pid]
+        ep.pids.clear()
+        ep.gpu.clear()
+        if self._n_ended > 2 * ENDED_KEEP_MAX:
+            self._prune(None)
+
+    # ------------------------------------------------------------------ commands
+    def set_episode_state(self, episode_id: str, state: str) -> bool:
+        """Set an episode's state after a command (freeze -> frozen, thaw -> running, kill -> killed).
+
+        Returns False when the episode is unknown.
+        """
+        if state not in EPISODE_STATES:
+            raise ValueError(f"unknown episode state {state!r}; expected one of {', '.join(EPISODE_STATES)}")
+        with self._lock:
+            ep = self._episodes.get(episode_id)
+            if ep is None:
+                return False
+            if ep.ended is not None and state in ("running", "frozen"):
+                return True   # an ended episode cannot be thawed back to life
+            ep.state = state
+            if state == "ended" and ep.ended is None:
+                ep.ended = ep.last_event_ts
+                self._n_ended += 1
+            return True
+
+    def set_policy_version(self, version: str) -> None:
+        with self._lock:
+            self.policy_version = version
+
+    def episode_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._episodes)
+
+    # ------------------------------------------------------------------ snapshot
+    def _prune(self, now: float | None) -> None:
+        ended = [ep for ep in self._episodes.values() if ep.ended is not None]
+        drop: list[_Episode] = []
+        if now is not None:
+            horizon = now - ENDED_KEEP_S
+            drop = [ep for ep in ended if ep.ended is not None and ep.ended < horizon]
+        if drop:
+            dropped = {id(ep) for ep in drop}
+            keep = [ep for ep in ended if id(ep) not in dropped]
+        else:
+            keep = ended
+        if len(keep) > ENDED_KEEP_MAX:
+            keep.sort(key=lambda e: e.ended or 0.0)
+            drop.extend(keep[: len(keep) - ENDED_KEEP_MAX])
+        for ep in drop:
+            if self._episodes.get(ep.id) is ep:
+                del self._episodes[ep.id]
+                self._n_ended -= 1
+                self._pruned[ep.id] = None
+        while len(self._pruned) > _PRUNED_MEMORY:
+            del self._pruned[next(iter(self._pruned))]
+
+    def _rate(self, now_sec: int) -> list[int]:
+        buckets = self._buckets
+        cur_sec, cur_n = self._cur_sec, self._cur_n
+        out = []
+        for s in range(now_sec - RATE_HISTORY_S, now_sec):
+            n = buckets.get(s, 0)
+            if s == cur_sec:
+                n += cur_n
+            out.append(n)
+        return out
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """A JSON-serialisable summary (see module docs and docs of the dashboard)."""
+        if now is None:
+            now = time.time()
+        with self._lock:
+            self._prune(now)
+            history = self._rate(int(now))
+            window = history[-RATE_WINDOW_S:]
+            gpu_fresh = self._last_gpu_ts - GPU_STALE_S
+            episodes = []
+            for ep in self._episodes.values():
+                gpu_mem: float | None = None
+                gpu_util: float | None = None
+                if ep.gpu:
+                    per_gpu: dict[Any, float] = {}
+                    mem = 0.0
+                    n = 0
+                    for (_pid, gidx), (used, util, sts) in ep.gpu.items():
+                        if sts < gpu_fresh:
+                            continue
+                        n += 1
+                        mem += used
+                        if util is not None:
+                            per_gpu[gidx] = per_gpu.get(gidx, 0.0) + util
+                    if n:
+                        gpu_mem = round(mem, 1)
+                        if per_gpu:
+                            gpu_util = round(
+                                sum(min(v, 100.0) for v in per_gpu.values()) / len(per_gpu), 1
+                            )
+                episodes.append(
+                    {
+                        "id": ep.id,
+                        "state": ep.state,
+                        "processes": len(ep.pids),
+                        "execs": ep.execs,
+                        "connects": ep.connects,
+                        "alerts": ep.alerts,
+                        "gpu_mem_mib": gpu_mem,
+                        "gpu_util": gpu_util,
+                        "started": ep.started,
+                        "ended": ep.ended,
+                        "last_alert_ts": ep.last_alert_ts,
+                        "last_event_ts": ep.last_event_ts,
+                        "source": ep.source,
+                        "end_reason": ep.end_reason,
+                        "exit_code": ep.exit_code,
+                    }
+                )
+            alerts = list(self._alerts)
+            lost_by_kind = dict(self.lost_by_kind)
+            snap = {
+                "node": self.node,
+                "now": now,
+                "uptime_s": max(0.0, now - self.started),
+                "version": self.version,
+                "policy_version": self.policy_version,
+                "mode": self.mode,
+                "scope": self.scope,
+                "events_total": self.events_total,
+                "events_by_kind": dict(self.events_by_kind),
+                "events_per_s": (sum(window) / len(window)) if window else 0.0,
+                "rate_history": history,
+                "lost_total": max(sum(lost_by_kind.values()), self._lost_reported),
+                "lost_by_kind": lost_by_kind,
+                "selftest": dict(self.selftest),
+                "episodes": episodes,
+                "alerts": alerts,
+                "alerts_total": self._alerts_total,
+                "gpus": [dict(g) for g in self.gpus],
+                "gpu_status": self.gpu_status,
+            }
+        episodes.sort(
+            key=lambda e: (
+                e["last_alert_ts"] if e["last_alert_ts"] is not None else float("-inf"),
+                e["last_event_ts"],
+            ),
+            reverse=True,
+        )
+        return snap
