@@ -1,0 +1,199 @@
+/* agent-tracer: the one definition of every record the kernel sends to user
+ * space over the ring buffer, and of the keys of the maps user space writes.
+ *
+ * Python decodes these with layouts in tracer/events.py; tests/test_layout.py
+ * compiles this header with the C compiler and checks every offset and size
+ * against them, so the two can never drift.
+ *
+ * Only fixed-width types; every struct is padded explicitly to 8 bytes.
+ */
+#ifndef AGENT_TRACER_EVENTS_H
+#define AGENT_TRACER_EVENTS_H
+
+#ifndef __u64
+#include <linux/types.h>
+#endif
+
+#define AT_COMM_LEN 16
+#define AT_FILENAME_LEN 256
+#define AT_ARGV_MAX 32        /* argv entries captured */
+#define AT_ARG_LEN 256        /* bytes read per argv entry */
+#define AT_ARGV_BUF 1024      /* bytes of packed argv kept (power of two) */
+#define AT_EPISODE_LEN 64     /* AGENT_EPISODE_ID value */
+#define AT_SOCKADDR_LEN 112   /* enough for sockaddr_un and sockaddr_in6 */
+#define AT_UNIX_PATH_LEN 108
+#define AT_MEMFD_NAME_LEN 64
+#define AT_OPEN_PATH_LEN 64
+#define AT_GPU_PREFIX_MAX 8
+
+enum at_kind {
+	AT_EV_FORK = 1,
+	AT_EV_EXEC = 2,
+	AT_EV_EXIT = 3,
+	AT_EV_CONNECT = 4,
+	AT_EV_SOCKET = 5,
+	AT_EV_BIND = 6,
+	AT_EV_LISTEN = 7,
+	AT_EV_MEMFD = 8,
+	AT_EV_GPU_OPEN = 9,
+	AT_EV_DENY = 10,      /* a sock_addr program refused a connect/sendmsg */
+	AT_EV_GATE_RACE = 11, /* a gated process was continued by someone else */
+	AT_EV_KIND_MAX = 12,
+};
+
+/* exec_event.flags */
+#define AT_EXEC_ARGV_TRUNCATED (1u << 0)
+#define AT_EXEC_ENV_MARKER (1u << 1)   /* AGENT_EPISODE_ID found in envp */
+#define AT_EXEC_KILLED (1u << 2)       /* killed in the kernel (known-bad name) */
+#define AT_EXEC_GATED (1u << 3)        /* stopped by the exec gate */
+#define AT_EXEC_KILL_WOULD (1u << 4)   /* name on the kill list, not enforced */
+
+/* tracked map value: how a process entered scope (low byte), episode slot above */
+#define AT_TRACK_ENV 1
+#define AT_TRACK_LINEAGE 2
+
+/* counters (per-CPU array indices) */
+enum at_counter {
+	AT_CNT_GATED = 0,
+	AT_CNT_GATE_RACE = 1,
+	AT_CNT_EXEC_KILLED = 2,
+	AT_CNT_DENIED = 3,
+	AT_CNT_MAX = 4,
+};
+
+/* config array indices (u64 values written by user space) */
+enum at_config {
+	AT_CFG_GEN = 0,          /* active policy generation (0 or 1) */
+	AT_CFG_GATE_ALL = 1,     /* bit g: gate every in-scope exec in generation g */
+	AT_CFG_RACE_ARMED = 2,   /* set by the kernel after the first SIGCONT race */
+	AT_CFG_DENY_GLOBAL0 = 3, /* deny rule mask with scope=all, generation 0 */
+	AT_CFG_DENY_GLOBAL1 = 4, /* ... generation 1 */
+	AT_CFG_ANYPORT0 = 5,     /* deny rules without a port condition, gen 0 */
+	AT_CFG_ANYPORT1 = 6,
+	AT_CFG_TCP0 = 7,         /* deny rules that apply to TCP, gen 0 */
+	AT_CFG_TCP1 = 8,
+	AT_CFG_UDP0 = 9,         /* deny rules that apply to UDP, gen 0 */
+	AT_CFG_UDP1 = 10,
+	AT_CFG_EXC_ANYPORT0 = 11, /* rules whose except has no port condition */
+	AT_CFG_EXC_ANYPORT1 = 12,
+	AT_CFG_EPISODE_ROOT = 13, /* cgroup id of <cgroup2>/agent-tracer */
+	AT_CFG_MAX = 14,
+};
+
+struct event_hdr {
+	__u64 ktime;
+	__u64 cgroup_id;
+	__u32 kind;
+	__u32 pid;   /* tgid */
+	__u32 tid;
+	__u32 uid;
+	char comm[AT_COMM_LEN];
+};
+
+struct fork_event {
+	struct event_hdr h;
+	__u32 child_pid;
+	__u32 _pad;
+};
+
+struct exec_event {
+	struct event_hdr h;
+	__u32 flags;
+	__u32 argc;      /* argv entries captured */
+	__u32 args_len;  /* bytes of args used (NUL separated) */
+	__u32 old_pid;
+	char filename[AT_FILENAME_LEN];
+	char episode[AT_EPISODE_LEN];
+	char args[AT_ARGV_BUF + AT_ARG_LEN];
+};
+
+struct exit_event {
+	struct event_hdr h;
+	__s32 code;    /* exit_group() status, -1 when unknown */
+	__s32 signal;  /* fatal signal, 0 when none */
+};
+
+/* connect and bind share one layout */
+struct sock_event {
+	struct event_hdr h;
+	__s32 fd;
+	__s32 result;
+	__u32 addrlen;
+	__u32 _pad;
+	__u8 addr[AT_SOCKADDR_LEN];  /* raw struct sockaddr as passed */
+};
+
+struct socket_event {
+	struct event_hdr h;
+	__s32 family;
+	__s32 type;
+	__s32 protocol;
+	__s32 result;
+};
+
+struct listen_event {
+	struct event_hdr h;
+	__s32 fd;
+	__s32 backlog;
+	__s32 result;
+	__u32 addrlen;   /* 0 when no bind was seen on this fd */
+	__u8 addr[AT_SOCKADDR_LEN];
+};
+
+struct memfd_event {
+	struct event_hdr h;
+	__u32 flags;
+	__s32 result;
+	char name[AT_MEMFD_NAME_LEN];
+};
+
+struct open_event {
+	struct event_hdr h;
+	__s32 flags;
+	__s32 result;
+	char path[AT_OPEN_PATH_LEN];
+};
+
+struct deny_event {
+	struct event_hdr h;
+	__u64 rules;     /* mask of deny rules that matched */
+	__u32 family;
+	__u32 protocol;
+	__u32 port;
+	__u32 user_type; /* 0 connect, 1 sendmsg */
+	__u8 addr[16];
+};
+
+struct gate_race_event {
+	struct event_hdr h;   /* the sender */
+	__u32 target;         /* gated pid that was continued */
+	__u32 sig;
+};
+
+/* ---- keys of the policy maps (all carry the policy generation) ---- */
+
+struct comm_key {
+	__u32 gen;
+	char comm[AT_COMM_LEN];
+};
+
+struct lpm4_key {
+	__u32 prefixlen; /* 32 (gen) + cidr bits */
+	__u32 gen;
+	__u8 addr[4];
+};
+
+struct lpm6_key {
+	__u32 prefixlen; /* 32 (gen) + cidr bits */
+	__u32 gen;
+	__u8 addr[16];
+};
+
+/* a path prefix as 8-byte words and the mask of the bytes that count:
+ * path matches when (word[i] & mask[i]) == prefix word[i] for every i */
+struct gpu_prefix {
+	__u64 word[AT_OPEN_PATH_LEN / 8];
+	__u64 mask[AT_OPEN_PATH_LEN / 8];
+};
+
+#endif

@@ -1,0 +1,78 @@
+"""bpf/events.h is the one definition of every record: prove that the Python
+layouts in tracer/events.py agree with it, field by field, as the C compiler
+lays it out."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tracer import events
+from tracer.paths import BPF_DIR
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile bpf/events.h")
+
+
+def _c_layout(tmp_path, layouts):
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "events.h"', "int main(void) {"]
+    for lay in layouts:
+        lines.append(f'printf("{lay.c_name} sizeof %zu\\n", sizeof(struct {lay.c_name}));')
+        for name, _ in lay.fields:
+            lines.append(f'printf("{lay.c_name} {name} %zu\\n", offsetof(struct {lay.c_name}, {name}));')
+    lines += ["return 0;", "}"]
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", "-I", str(BPF_DIR), "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    got = {}
+    for line in out.splitlines():
+        struct_name, field, value = line.split()
+        got[(struct_name, field)] = int(value)
+    return got
+
+
+def test_every_layout_matches_events_h(tmp_path):
+    layouts = list({l.c_name: l for l in events.LAYOUTS.values()}.values()) + list(events.MAP_LAYOUTS.values())
+    got = _c_layout(tmp_path, layouts)
+    for lay in layouts:
+        assert got[(lay.c_name, "sizeof")] == lay.size, lay.c_name
+        for name, off in lay.offsets().items():
+            assert got[(lay.c_name, name)] == off, f"{lay.c_name}.{name}"
+
+
+def _header_text():
+    return (BPF_DIR / "events.h").read_text()
+
+
+def test_constants_match_events_h():
+    text = _header_text()
+    defines = dict(re.findall(r"#define (AT_\w+) (\d+)", text))
+    assert int(defines["AT_COMM_LEN"]) == events.COMM_LEN
+    assert int(defines["AT_FILENAME_LEN"]) == events.FILENAME_LEN
+    assert int(defines["AT_ARGV_BUF"]) == events.ARGV_BUF
+    assert int(defines["AT_ARG_LEN"]) == events.ARG_LEN
+    assert int(defines["AT_EPISODE_LEN"]) == events.EPISODE_LEN
+    assert int(defines["AT_SOCKADDR_LEN"]) == events.SOCKADDR_LEN
+    assert int(defines["AT_GPU_PREFIX_MAX"]) == events.GPU_PREFIX_MAX
+    flags = dict(re.findall(r"#define (AT_EXEC_\w+) \(1u << (\d+)\)", text))
+    assert 1 << int(flags["AT_EXEC_ARGV_TRUNCATED"]) == events.EXEC_ARGV_TRUNCATED
+    assert 1 << int(flags["AT_EXEC_ENV_MARKER"]) == events.EXEC_ENV_MARKER
+    assert 1 << int(flags["AT_EXEC_KILLED"]) == events.EXEC_KILLED
+    assert 1 << int(flags["AT_EXEC_GATED"]) == events.EXEC_GATED
+
+
+@pytest.mark.parametrize(
+    "enum_cls,prefix,max_name,max_value",
+    [
+        (events.Kind, "AT_EV_", "AT_EV_KIND_MAX", events.KIND_MAX),
+        (events.Counter, "AT_CNT_", "AT_CNT_MAX", events.COUNTER_MAX),
+        (events.Config, "AT_CFG_", "AT_CFG_MAX", events.CONFIG_MAX),
+    ],
+)
+def test_enums_match_events_h(enum_cls, prefix, max_name, max_value):
+    c_enum = {k: int(v) for k, v in re.findall(rf"({prefix}\w+) = (\d+)", _header_text())}
+    assert c_enum.pop(max_name) == max_value
+    assert c_enum == {prefix + m.name: m.value for m in enum_cls}

@@ -1,0 +1,265 @@
+"""agent-tracer command line. Thin: every command calls into the package.
+
+Exit codes: 0 ok; 1 a check failed or invalid input (policy errors, doctor
+failures); 2 usage error (click); 3 the tracer could not start (BPF, root);
+86 `episode run`: the episode was killed by policy.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .paths import CONTROL_SOCKET, POLICY_DIR
+
+EXIT_START_FAILED = 3
+
+
+class Mode(str, enum.Enum):
+    enforce = "enforce"
+    monitor = "monitor"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="agent-tracer")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """eBPF tracer and policy enforcer for autonomous AI agents.
+
+    \b
+    Examples:
+      agent-tracer doctor                      # can this node run the tracer?
+      agent-tracer run --log /var/log/agent-tracer.jsonl
+      agent-tracer episode run --id ep-1 -- python agent.py
+      agent-tracer top                         # live dashboard of a running tracer
+      agent-tracer policy check policies/
+      agent-tracer replay old.jsonl --policy-dir policies/
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="agent-tracer: %(levelname)s %(message)s")
+
+
+# ---------------------------------------------------------------------- run
+@main.command()
+@click.option("--log", "log_path", default=None, metavar="PATH|-",
+              help="Write JSONL records here ('-' is stdout). Default: stdout when --no-dashboard "
+                   "or stdout is not a terminal, else none.")
+@click.option("--policy-dir", "policy_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help=f"Policy file or directory (repeatable). Default: {POLICY_DIR}")
+@click.option("--all", "scope_all", is_flag=True, help="Trace every process, not only episode processes.")
+@click.option("--monitor", is_flag=True,
+              help="Monitor mode: deny or kill nothing; alerts say what would have been done.")
+@click.option("--no-dashboard", is_flag=True, help="Do not show the live view in this terminal.")
+@click.option("--ringbuf-pages", default=2048, show_default=True, type=click.IntRange(1, 1 << 18),
+              help="Ring buffer size in 4 KiB pages (power of two).")
+@click.option("--control-socket", type=click.Path(path_type=Path), default=CONTROL_SOCKET, show_default=True)
+@click.option("--gate-timeout", default=2.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="Seconds a gated exec may wait for its verdict.")
+@click.option("--gate-default", type=click.Choice(["kill", "allow"]), default="kill", show_default=True,
+              help="Verdict for a gated exec whose decision timed out.")
+def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
+        gate_timeout, gate_default) -> None:
+    """Run the tracer in the foreground until SIGINT/SIGTERM.
+
+    \b
+    Examples:
+      agent-tracer run                              # default policies, live view
+      agent-tracer run --no-dashboard --log -       # JSONL on stdout
+      agent-tracer run --monitor --all --log /tmp/all.jsonl
+    """
+    from .runtime import Runtime, RunOptions, is_root
+
+    if not is_root():
+        raise click.ClickException("agent-tracer run needs root (it loads BPF programs)") from None
+    interactive = sys.stdout.isatty() and not no_dashboard
+    if log_path is None and not interactive:
+        log_path = "-"
+    opts = RunOptions(
+        log=log_path, scope_all=scope_all, monitor=monitor,
+        policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
+        control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
+    )
+    rt = Runtime(opts)
+    try:
+        rt.start()
+    except Exception as e:  # policy errors, BPF load failure: say why, exit 3
+        rt.close()
+        click.echo(f"agent-tracer: cannot start: {e}", err=True)
+        sys.exit(EXIT_START_FAILED)
+
+    def stop(_sig, _frm):
+        rt.stop_event.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: rt.request_reload())
+    from .service import serve
+
+    try:
+        serve(rt, dashboard=interactive)
+    finally:
+        rt.close()
+
+
+# ------------------------------------------------------------------ episode
+@main.group()
+def episode() -> None:
+    """Run and manage agent episodes."""
+
+
+@episode.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--id", "episode_id", required=True, help="Episode id (letters, digits, . _ : -).")
+@click.option("--verdict-file", type=click.Path(path_type=Path),
+              help="Write the episode's verdict summary (JSON) here when it ends.")
+@click.option("--keep-stragglers", is_flag=True,
+              help="Leave processes the command left behind running (default: kill them).")
+@click.option("--timeout", type=float, default=None, help="Kill the episode after this many seconds.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def episode_run(episode_id, verdict_file, keep_stragglers, timeout, command) -> None:
+    """Run COMMAND as episode ID in its own cgroup and exit with its code.
+
+    Exits 86 when policy killed the episode, 128+N when it died of signal N.
+
+    \b
+    Examples:
+      agent-tracer episode run --id rollout-17 -- python agent.py --task t1
+      agent-tracer episode run --id ep-2 --verdict-file /tmp/ep-2.json -- bash task.sh
+    """
+    from .api import EpisodeError, run_episode
+
+    try:
+        res = run_episode(episode_id, list(command), verdict_file=verdict_file,
+                          keep_stragglers=keep_stragglers, timeout=timeout)
+    except (EpisodeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except PermissionError as e:
+        raise click.ClickException(f"{e} (episode run needs root to create cgroups)") from None
+    if res.killed_by_policy:
+        click.echo(f"agent-tracer: episode {episode_id} was killed by policy", err=True)
+    sys.exit(res.cli_exit_code)
+
+
+def _control_client():
+    from .control import ControlClient
+
+    return ControlClient(CONTROL_SOCKET)
+
+
+@episode.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def episode_list(as_json) -> None:
+    """List episodes (from the running tracer, else from cgroups and /proc)."""
+    from .episode_ops import list_episodes
+
+    rows = list_episodes()
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not rows:
+        click.echo("no episodes")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("episode", "state", "source", "processes", "alerts", "cgroup")
+    for r in rows:
+        t.add_row(r["id"], r["state"], r.get("source") or "", str(r.get("processes", "")),
+                  str(r.get("alerts", "")), r.get("cgroup_path") or "")
+    Console().print(t)
+
+
+def _episode_cmd(cmd: str):
+    @click.argument("episode_id")
+    def f(episode_id) -> None:
+        from .episode_ops import EpisodeOpError, episode_command
+
+        try:
+            msg = episode_command(cmd, episode_id)
+        except EpisodeOpError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(msg)
+
+    f.__doc__ = {
+        "freeze": "Freeze every process of episode ID (cgroup.freeze).",
+        "thaw": "Thaw a frozen episode ID.",
+        "kill": "Kill every process of episode ID (cgroup.kill).",
+    }[cmd]
+    return episode.command(cmd)(f)
+
+
+for _cmd in ("freeze", "thaw", "kill"):
+    _episode_cmd(_cmd)
+
+
+# ------------------------------------------------------------------ replay
+@main.command()
+@click.argument("log_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--policy-dir", "policy_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help=f"Policy file or directory (repeatable). Default: {POLICY_DIR}")
+@click.option("--json", "as_json", is_flag=True, help="Print alerts as JSONL instead of a table.")
+def replay(log_file, policy_dirs, as_json) -> None:
+    """Re-evaluate a recorded JSONL stream against policies; print the alerts.
+
+    Exit code 0 with no alerts, 1 with alerts (handy in CI for a policy PR).
+
+    \b
+    Examples:
+      agent-tracer replay /var/log/agent-tracer.jsonl --policy-dir policies/
+      agent-tracer replay recorded.jsonl --json | jq .rule
+    """
+    from .replay import replay_file
+
+    n = replay_file(log_file, list(policy_dirs) or [POLICY_DIR], as_json=as_json)
+    sys.exit(1 if n else 0)
+
+
+# ------------------------------------------------------------------ doctor
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option("--no-selftest", is_flag=True, help="Skip loading the BPF programs and the enforcement self-test.")
+def doctor(as_json, no_selftest) -> None:
+    """Check that this node can run the tracer; print the fix for each failure.
+
+    Exit code 1 when something required is missing.
+    """
+    from .doctor import print_report, run_checks
+
+    checks = run_checks(selftest=not no_selftest)
+    ok = print_report(checks, as_json=as_json)
+    sys.exit(0 if ok else 1)
+
+
+def _mount_optional() -> None:
+    try:
+        from .policy.cli import policy as policy_group
+
+        main.add_command(policy_group, "policy")
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    try:
+        from .dashboard import top_command
+
+        main.add_command(top_command, "top")
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .bench import bench_command
+
+        main.add_command(bench_command, "bench")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_mount_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

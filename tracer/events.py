@@ -1,0 +1,362 @@
+"""Decoding of the kernel's ring-buffer records into JSONL-shaped dicts.
+
+The layouts below mirror bpf/events.h, which is the one definition of every
+record; tests/test_layout.py compiles that header and checks each offset and
+size against these tables. Decoding is one ``struct.unpack_from`` per record
+(no per-field ctypes): the per-event Python cost is the tracer's budget.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class Kind(enum.IntEnum):
+    FORK = 1
+    EXEC = 2
+    EXIT = 3
+    CONNECT = 4
+    SOCKET = 5
+    BIND = 6
+    LISTEN = 7
+    MEMFD = 8
+    GPU_OPEN = 9
+    DENY = 10
+    GATE_RACE = 11
+
+    @property
+    def record_type(self) -> str:
+        return self.name.lower()
+
+
+KIND_MAX = 12
+
+# exec_event.flags
+EXEC_ARGV_TRUNCATED = 1 << 0
+EXEC_ENV_MARKER = 1 << 1
+EXEC_KILLED = 1 << 2
+EXEC_GATED = 1 << 3
+
+# tracked map value
+TRACK_ENV = 1
+TRACK_LINEAGE = 2
+
+
+class Counter(enum.IntEnum):
+    GATED = 0
+    GATE_RACE = 1
+    EXEC_KILLED = 2
+    DENIED = 3
+
+
+COUNTER_MAX = 4
+
+
+class Config(enum.IntEnum):
+    GEN = 0
+    GATE_ALL = 1
+    RACE_ARMED = 2
+    DENY_GLOBAL0 = 3
+    DENY_GLOBAL1 = 4
+    ANYPORT0 = 5
+    ANYPORT1 = 6
+    TCP0 = 7
+    TCP1 = 8
+    UDP0 = 9
+    UDP1 = 10
+    EXC_ANYPORT0 = 11
+    EXC_ANYPORT1 = 12
+    EPISODE_ROOT = 13
+
+
+CONFIG_MAX = 14
+
+# sizes from bpf/events.h (checked by tests/test_layout.py)
+COMM_LEN = 16
+FILENAME_LEN = 256
+ARGV_BUF = 1024
+ARG_LEN = 256
+EPISODE_LEN = 64
+SOCKADDR_LEN = 112
+MEMFD_NAME_LEN = 64
+OPEN_PATH_LEN = 64
+GPU_PREFIX_MAX = 8
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as an ordered list of (field, struct format) pairs."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def fmt(self) -> str:
+        return "<" + "".join(f for _, f in self.fields)
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.fmt)
+
+    def offsets(self) -> dict[str, int]:
+        out, off = {}, 0
+        for name, f in self.fields:
+            out[name] = off
+            off += struct.calcsize("<" + f)
+        return out
+
+
+HDR_FIELDS = (
+    ("h.ktime", "Q"),
+    ("h.cgroup_id", "Q"),
+    ("h.kind", "I"),
+    ("h.pid", "I"),
+    ("h.tid", "I"),
+    ("h.uid", "I"),
+    ("h.comm", f"{COMM_LEN}s"),
+)
+
+LAYOUTS: dict[Kind, Layout] = {
+    Kind.FORK: Layout("fork_event", HDR_FIELDS + (("child_pid", "I"), ("_pad", "I"))),
+    Kind.EXEC: Layout(
+        "exec_event",
+        HDR_FIELDS
+        + (
+            ("flags", "I"),
+            ("argc", "I"),
+            ("args_len", "I"),
+            ("old_pid", "I"),
+            ("filename", f"{FILENAME_LEN}s"),
+            ("episode", f"{EPISODE_LEN}s"),
+            ("args", f"{ARGV_BUF + ARG_LEN}s"),
+        ),
+    ),
+    Kind.EXIT: Layout("exit_event", HDR_FIELDS + (("code", "i"), ("signal", "i"))),
+    Kind.CONNECT: Layout(
+        "sock_event",
+        HDR_FIELDS + (("fd", "i"), ("result", "i"), ("addrlen", "I"), ("_pad", "I"), ("addr", f"{SOCKADDR_LEN}s")),
+    ),
+    Kind.SOCKET: Layout(
+        "socket_event", HDR_FIELDS + (("family", "i"), ("type", "i"), ("protocol", "i"), ("result", "i"))
+    ),
+    Kind.LISTEN: Layout(
+        "listen_event",
+        HDR_FIELDS
+        + (("fd", "i"), ("backlog", "i"), ("result", "i"), ("addrlen", "I"), ("addr", f"{SOCKADDR_LEN}s")),
+    ),
+    Kind.MEMFD: Layout("memfd_event", HDR_FIELDS + (("flags", "I"), ("result", "i"), ("name", f"{MEMFD_NAME_LEN}s"))),
+    Kind.GPU_OPEN: Layout("open_event", HDR_FIELDS + (("flags", "i"), ("result", "i"), ("path", f"{OPEN_PATH_LEN}s"))),
+    Kind.DENY: Layout(
+        "deny_event",
+        HDR_FIELDS
+        + (
+            ("rules", "Q"),
+            ("family", "I"),
+            ("protocol", "I"),
+            ("port", "I"),
+            ("user_type", "I"),
+            ("addr", "16s"),
+        ),
+    ),
+    Kind.GATE_RACE: Layout("gate_race_event", HDR_FIELDS + (("target", "I"), ("sig", "I"))),
+}
+LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
+
+# layouts of map keys and values written by user space
+MAP_LAYOUTS: dict[str, Layout] = {
+    "comm_key": Layout("comm_key", (("gen", "I"), ("comm", f"{COMM_LEN}s"))),
+    "lpm4_key": Layout("lpm4_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "4s"))),
+    "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
+    "gpu_prefix": Layout(
+        "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
+    ),
+}
+
+_STRUCTS = {k: struct.Struct(v.fmt) for k, v in LAYOUTS.items()}
+_KIND_AT = struct.Struct("<I")
+_KIND_OFFSET = 16
+
+FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+SOCK_TYPE_NAMES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
+
+
+def cstr(b: bytes) -> str:
+    i = b.find(b"\0")
+    return (b if i < 0 else b[:i]).decode("utf-8", "replace")
+
+
+def parse_sockaddr(raw: bytes, addrlen: int) -> dict[str, Any]:
+    """Decode a uapi struct sockaddr (as the process passed it)."""
+    if addrlen < 2:
+        return {"family": None, "addr": None, "port": None, "path": None}
+    fam = int.from_bytes(raw[0:2], "little")
+    if fam == socket.AF_INET and addrlen >= 8:
+        return {
+            "family": "inet",
+            "addr": str(ipaddress.IPv4Address(raw[4:8])),
+            "port": int.from_bytes(raw[2:4], "big"),
+            "path": None,
+        }
+    if fam == socket.AF_INET6 and addrlen >= 24:
+        return {
+            "family": "inet6",
+            "addr": str(ipaddress.IPv6Address(raw[8:24])),
+            "port": int.from_bytes(raw[2:4], "big"),
+            "path": None,
+        }
+    if fam == socket.AF_UNIX:
+        body = raw[2 : max(2, min(addrlen, len(raw)))]
+        if body[:1] == b"\0":  # abstract socket
+            path = "@" + body[1:].split(b"\0", 1)[0].decode("utf-8", "replace")
+        else:
+            path = cstr(body)
+        return {"family": "unix", "addr": None, "port": None, "path": path}
+    return {"family": FAMILY_NAMES.get(fam, str(fam)), "addr": None, "port": None, "path": None}
+
+
+def _hdr(kind: Kind, v: tuple) -> dict[str, Any]:
+    return {
+        "type": kind.record_type,
+        "ktime": v[0],
+        "cgroup": v[1],
+        "pid": v[3],
+        "tid": v[4],
+        "uid": v[5],
+        "comm": cstr(v[6]),
+    }
+
+
+def _fork(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.FORK, v)
+    r["child_pid"] = v[7]
+    return r
+
+
+def _exec(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.EXEC, v)
+    flags, argc, args_len = v[7], v[8], v[9]
+    raw = v[13][:args_len]
+    argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:argc]]
+    r.update(
+        old_pid=v[10],
+        filename=cstr(v[11]),
+        argv=argv,
+        argv_truncated=bool(flags & EXEC_ARGV_TRUNCATED),
+        env_episode=cstr(v[12]) if flags & EXEC_ENV_MARKER else None,
+        killed_in_kernel=bool(flags & EXEC_KILLED),
+        gated=bool(flags & EXEC_GATED),
+    )
+    return r
+
+
+def _exit(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.EXIT, v)
+    r["code"] = v[7] if v[7] >= 0 else None
+    r["signal"] = v[8] or None
+    return r
+
+
+def _sock(kind: Kind) -> Callable[[tuple], dict[str, Any]]:
+    def dec(v: tuple) -> dict[str, Any]:
+        r = _hdr(kind, v)
+        r["fd"] = v[7]
+        r["result"] = v[8]
+        r.update(parse_sockaddr(v[11], v[9]))
+        return r
+
+    return dec
+
+
+def _socket(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.SOCKET, v)
+    r["family"] = FAMILY_NAMES.get(v[7], str(v[7]))
+    t = v[8] & 0xF  # drop SOCK_NONBLOCK / SOCK_CLOEXEC
+    r["sock_type"] = SOCK_TYPE_NAMES.get(t, str(t))
+    r["protocol"] = v[9]
+    r["result"] = v[10]
+    return r
+
+
+def _listen(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.LISTEN, v)
+    r["fd"], r["backlog"], r["result"] = v[7], v[8], v[9]
+    r.update(parse_sockaddr(v[11], v[10]))
+    return r
+
+
+def _memfd(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.MEMFD, v)
+    r["flags"], r["result"], r["name"] = v[7], v[8], cstr(v[9])
+    return r
+
+
+def _open(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.GPU_OPEN, v)
+    r["flags"], r["result"], r["path"] = v[7], v[8], cstr(v[9])
+    return r
+
+
+def _deny(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.DENY, v)
+    fam = v[8]
+    raw = v[12]
+    r["rules_mask"] = v[7]
+    r["family"] = FAMILY_NAMES.get(fam, str(fam))
+    r["addr"] = str(ipaddress.IPv4Address(raw[:4])) if fam == socket.AF_INET else str(ipaddress.IPv6Address(raw))
+    r["protocol"] = "tcp" if v[9] == socket.IPPROTO_TCP else "udp" if v[9] == socket.IPPROTO_UDP else str(v[9])
+    r["port"] = v[10]
+    r["call"] = "sendmsg" if v[11] else "connect"
+    return r
+
+
+def _gate_race(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.GATE_RACE, v)
+    r["target"], r["sig"] = v[7], v[8]
+    return r
+
+
+_DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
+    Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
+    Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
+    Kind.EXIT: (_STRUCTS[Kind.EXIT], _exit),
+    Kind.CONNECT: (_STRUCTS[Kind.CONNECT], _sock(Kind.CONNECT)),
+    Kind.BIND: (_STRUCTS[Kind.BIND], _sock(Kind.BIND)),
+    Kind.SOCKET: (_STRUCTS[Kind.SOCKET], _socket),
+    Kind.LISTEN: (_STRUCTS[Kind.LISTEN], _listen),
+    Kind.MEMFD: (_STRUCTS[Kind.MEMFD], _memfd),
+    Kind.GPU_OPEN: (_STRUCTS[Kind.GPU_OPEN], _open),
+    Kind.DENY: (_STRUCTS[Kind.DENY], _deny),
+    Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
+}
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def decode(buf: bytes | memoryview) -> dict[str, Any]:
+    """Decode one ring-buffer record into a record dict (no episode yet)."""
+    if len(buf) < _KIND_OFFSET + 4:
+        raise DecodeError(f"record of {len(buf)} bytes is shorter than its header")
+    (kind,) = _KIND_AT.unpack_from(buf, _KIND_OFFSET)
+    try:
+        st, fn = _DECODERS[kind]
+    except KeyError:
+        raise DecodeError(f"unknown event kind {kind}") from None
+    if len(buf) < st.size:
+        raise DecodeError(f"{Kind(kind).record_type} record of {len(buf)} bytes, expected {st.size}")
+    return fn(st.unpack_from(buf))
+
+
+def pack_gpu_prefix(prefix: str) -> bytes:
+    """Map value for gpu_prefixes: the prefix as words plus its byte mask."""
+    b = prefix.encode()
+    if not 0 < len(b) <= OPEN_PATH_LEN - 1:
+        raise ValueError(f"GPU path prefix must be 1..{OPEN_PATH_LEN - 1} bytes: {prefix!r}")
+    word = b.ljust(OPEN_PATH_LEN, b"\0")
+    mask = (b"\xff" * len(b)).ljust(OPEN_PATH_LEN, b"\0")
+    return word + mask

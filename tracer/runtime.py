@@ -1,0 +1,229 @@
+"""The live tracer: probes + pipeline + periodic housekeeping.
+
+`agent-tracer run` builds one Runtime, calls start(), then loop() until a
+signal, then close(); close() detaches every BPF program and cgroup
+attachment (bcc's cleanup plus explicit detach of the sock_addr programs).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .episodes import Tracker
+from .events import TRACK_ENV, TRACK_LINEAGE
+from .paths import CONTROL_SOCKET, RUN_DIR
+from .pipeline import Pipeline, Sink
+from .probes import ProbeConfig, Probes
+from .sinks import JsonlSink, VerdictSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    log: str | None = "-"
+    scope_all: bool = False
+    monitor: bool = False
+    policy_dirs: list[Path] = field(default_factory=list)
+    ringbuf_pages: int = 2048
+    control_socket: Path | None = CONTROL_SOCKET
+    verdict_dir: Path | None = RUN_DIR / "verdicts"
+    stats_interval: float = 1.0
+    preexisting_sockets: bool = True
+    gpu_prefixes: tuple[str, ...] | None = None
+    policy: bool = True
+    gate_timeout: float = 2.0
+    gate_default: str = "kill"
+    extra_sinks: list[Sink] = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(self, opts: RunOptions):
+        self.opts = opts
+        self.started = time.time()
+        self.tracker: Tracker | None = None
+        self.pipeline: Pipeline | None = None
+        self.probes: Probes | None = None
+        self.engine: Any = None
+        self.state: Any = None
+        self.control: Any = None
+        self._lost_seen: dict[str, int] = {}
+        self._last_tick = 0.0
+        self._last_count = 0
+        self.ready_record: dict[str, Any] | None = None
+        self._observers: list[Callable[[dict[str, Any]], None]] = []
+        self.stop_event = threading.Event()
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> dict[str, Any]:
+        opts = self.opts
+        sinks: list[Sink] = []
+        if opts.log:
+            sinks.append(JsonlSink(opts.log))
+        if opts.verdict_dir is not None:
+            sinks.append(VerdictSink(opts.verdict_dir))
+        sinks.extend(opts.extra_sinks)
+        pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages)
+        if opts.gpu_prefixes is not None:
+            pcfg.gpu_prefixes = opts.gpu_prefixes
+        # the engine (policy + actions) is built before the probes so that an
+        # invalid policy refuses to start before anything is attached
+        engine = self._make_engine()
+        self.probes = Probes(pcfg, self._on_raw)
+        self.tracker = Tracker(self.probes.episode_root, live=True)
+        self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
+        if engine is not None:
+            engine.attach(self.probes, self.tracker, self.pipeline)
+        now = time.time()
+        for r in self.tracker.seed(now):
+            self.pipeline.emit(r)
+        self._seed_kernel_membership()
+        if opts.preexisting_sockets:
+            self._emit_preexisting_sockets()
+        selftest = engine.selftest() if engine is not None else {}
+        self.ready_record = {
+            "type": "ready",
+            "ts": time.time(),
+            "episode": None,
+            "version": __version__,
+            "scope": "all" if opts.scope_all else "episodes",
+            "mode": "monitor" if opts.monitor else "enforce",
+            "programs": self.probes.attached_programs(),
+            "policy_version": engine.policy_version if engine is not None else None,
+            "selftest": selftest,
+            "compile_s": round(self.probes.compile_s, 3),
+            "startup_s": round(time.time() - self.started, 3),
+            "node": socket.gethostname(),
+        }
+        self.pipeline.emit(self.ready_record)
+        self.pipeline.flush()
+        self._last_tick = time.monotonic()
+        return self.ready_record
+
+    def add_observer(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self._observers.append(fn)
+        if self.pipeline is not None:
+            self.pipeline.observers.append(fn)
+
+    def _make_engine(self):
+        if not self.opts.policy:
+            return None
+        from .engine import Engine
+
+        return Engine.from_options(self.opts)
+
+    def _on_raw(self, buf: bytes) -> None:
+        self.pipeline.feed_raw(buf)
+
+    # ------------------------------------------------- kernel map membership
+    def _sync_kernel(self, rec: dict[str, Any]) -> None:
+        t = rec["type"]
+        if t == "episode_start":
+            e = self.tracker.episodes.get(rec["episode"])
+            if e is not None:
+                for cg in e.cgroup_ids:
+                    self.probes.add_episode_cgroup(cg, e.slot)
+                if self.engine_slot_hook:
+                    self.engine_slot_hook(e)
+        elif t == "episode_end":
+            e = self.tracker.episodes.get(rec["episode"])
+            if e is not None:
+                for cg in e.cgroup_ids:
+                    self.probes.remove_episode_cgroup(cg)
+        elif t == "exec" and rec.get("env_episode") and rec.get("membership") == "env":
+            slot = self.tracker.episode_slot(rec["env_episode"]) or 0
+            self.probes.track_pid(rec["pid"], TRACK_ENV, slot)
+
+    @property
+    def engine_slot_hook(self):
+        eng = self.pipeline.engine if self.pipeline else None
+        return getattr(eng, "on_episode_slot", None)
+
+    def _seed_kernel_membership(self) -> None:
+        for p in self.tracker.table.live():
+            if p.episode is None or p.membership == "cgroup":
+                continue
+            slot = self.tracker.episode_slot(p.episode) or 0
+            self.probes.track_pid(p.pid, TRACK_ENV if p.membership == "env" else TRACK_LINEAGE, slot)
+        for e in self.tracker.episodes.values():
+            for cg in e.cgroup_ids:
+                self.probes.add_episode_cgroup(cg, e.slot)
+
+    def _emit_preexisting_sockets(self) -> None:
+        from .sockets import preexisting_records
+
+        try:
+            recs = preexisting_records(self.tracker, include_all=self.opts.scope_all)
+        except Exception as e:  # sock_diag unavailable: say so, keep running
+            log.warning("could not enumerate existing sockets: %s", e)
+            return
+        for r in recs:
+            self.pipeline.handle(r)
+
+    # ------------------------------------------------------------------ loop
+    def loop(self, poll_ms: int = 100) -> None:
+        while not self.stop_event.is_set():
+            self.probes.poll(poll_ms)
+            now = time.monotonic()
+            if now - self._last_tick >= self.opts.stats_interval:
+                self.tick(now)
+
+    def tick(self, now_mono: float | None = None) -> None:
+        now_mono = now_mono if now_mono is not None else time.monotonic()
+        pl = self.pipeline
+        wall = time.time()
+        for kind, total in self.probes.lost_counts().items():
+            seen = self._lost_seen.get(kind, 0)
+            if total > seen:
+                pl.emit({"type": "lost", "ts": wall, "episode": None, "kind": kind,
+                         "count": total - seen, "total": total})
+                self._lost_seen[kind] = total
+        for r in self.tracker.scan_cgroups(wall):
+            pl.emit(r)
+        if pl.engine is not None:
+            for r in pl.engine.tick(wall):
+                pl.emit(r)
+        self.tracker.reap()
+        dt = max(now_mono - self._last_tick, 1e-6)
+        pl.emit({"type": "stats", "ts": wall, "episode": None, "events": pl.count,
+                 "rate": round((pl.count - self._last_count) / dt, 1),
+                 "lost_total": sum(self._lost_seen.values()),
+                 "counters": self.probes.counters(),
+                 "events_by_kind": dict(pl.by_kind)})
+        self._last_count = pl.count
+        self._last_tick = now_mono
+        pl.flush()
+
+    def drain(self) -> None:
+        """Consume everything already in the ring buffer (tests, shutdown)."""
+        self.probes.consume()
+
+    def lost_total(self) -> int:
+        return sum(self.probes.lost_counts().values())
+
+    # ----------------------------------------------------------------- close
+    def close(self) -> None:
+        if self.probes is not None:
+            try:
+                self.probes.consume()
+                self.tick()
+            except Exception as e:  # pragma: no cover
+                log.warning("final drain: %s", e)
+        if self.pipeline is not None and self.pipeline.engine is not None:
+            self.pipeline.engine.close()
+        if self.probes is not None:
+            self.probes.close()
+            self.probes = None
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

@@ -1,0 +1,104 @@
+"""Record sinks: JSONL (orjson), per-episode verdict files, memory (tests)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+_OPTS = orjson.OPT_SERIALIZE_NUMPY if hasattr(orjson, "OPT_SERIALIZE_NUMPY") else 0
+
+
+def dumps(rec: dict[str, Any]) -> bytes:
+    return orjson.dumps(rec, default=str) + b"\n"
+
+
+class JsonlSink:
+    """One JSON object per line. `-` is standard output."""
+
+    def __init__(self, target: str | Path, flush_every: int = 256):
+        self.target = str(target)
+        if self.target == "-":
+            self._f: IO[bytes] = sys.stdout.buffer
+            self._own = False
+        else:
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.target, "ab", buffering=1 << 16)
+            self._own = True
+        self._n = 0
+        self._flush_every = flush_every
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self._f.write(dumps(rec))
+        self._n += 1
+        if self._n % self._flush_every == 0 or rec.get("type") in ("alert", "ready", "lost", "episode_end"):
+            self._f.flush()
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.flush()
+        if self._own:
+            self._f.close()
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class VerdictSink:
+    """Appends each alert (and the episode's end) to <dir>/<episode>.jsonl so
+    `agent-tracer episode run` and the Python API can read an episode's
+    verdicts without parsing the main log."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if rec.get("type") != "alert" or not rec.get("episode"):
+            return
+        path = self.dir / f"{rec['episode']}.jsonl"
+        with open(path, "ab") as f:
+            f.write(dumps(rec))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def read_jsonl(path: str | Path):
+    """Yield records of a JSONL file (`-` is standard input); blank lines are
+    skipped, a bad line raises ValueError naming the file and line."""
+    f = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
+    try:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
