@@ -437,14 +437,15 @@ class State:
         drop: list[_Episode] = []
         if now is not None:
             horizon = now - ENDED_KEEP_S
-            drop = [ep for ep in ended if ep.ended is not None and ep.ended < horizon]
+            # kept ENDED_KEEP_S after the end or after the last record about it, whichever is later
+            drop = [ep for ep in ended if max(ep.ended or 0.0, ep.last_event_ts) < horizon]
         if drop:
             dropped = {id(ep) for ep in drop}
             keep = [ep for ep in ended if id(ep) not in dropped]
         else:
             keep = ended
         if len(keep) > ENDED_KEEP_MAX:
-            keep.sort(key=lambda e: e.ended or 0.0)
+            keep.sort(key=lambda e: max(e.ended or 0.0, e.last_event_ts))
             drop.extend(keep[: len(keep) - ENDED_KEEP_MAX])
         for ep in drop:
             if self._episodes.get(ep.id) is ep:
