@@ -1,0 +1,87 @@
+"""Evaluation context: what a rule may need beyond the event record itself.
+
+The live tracer builds an :class:`EvalContext` from its process table (the
+exe paths of a process's ancestors) and a hash cache. Replay and tests use
+:func:`record_context`, which reads the same facts from optional fields of
+the record (`ancestors`, `sha256`), so recorded JSONL can carry them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .argv import Opt, OptSpec, scan_options
+
+
+def _no_ancestors(pid: int) -> list[str]:
+    return []
+
+
+def _no_hash(path: str, pid: int) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Lazy facts about the process of an event.
+
+    ancestors_exe(pid): exe paths of the ancestors of pid, nearest (the
+        parent) first. Called at most once per evaluated event, and only when
+        a rule uses parent_exe or ancestor_exe.
+    sha256(path, pid): lowercase hex sha256 of the executable image, or None
+        when unknown. Called at most once per evaluated event, and only when
+        a rule's cheaper conditions already hold.
+    """
+
+    ancestors_exe: Callable[[int], Sequence[str]] = _no_ancestors
+    sha256: Callable[[str, int], str | None] = _no_hash
+
+
+def record_context(record: Mapping[str, Any]) -> EvalContext:
+    """A context answering from the record: `ancestors` (list of exe paths,
+    nearest first) and `sha256` (hex of the exe), both optional."""
+    ancestors = record.get("ancestors")
+    anc: list[str] = [a for a in ancestors if isinstance(a, str)] if isinstance(ancestors, list) else []
+    digest = record.get("sha256")
+    digest = digest.lower() if isinstance(digest, str) else None
+    return EvalContext(ancestors_exe=lambda pid: anc, sha256=lambda path, pid: digest)
+
+
+class Subject:
+    """One event under evaluation, with per-event caches of the lazy facts."""
+
+    __slots__ = ("event", "ctx", "_ancestors", "_sha256", "_scans")
+
+    def __init__(self, event: Mapping[str, Any], ctx: EvalContext) -> None:
+        self.event = event
+        self.ctx = ctx
+        self._ancestors: Sequence[str] | None = None
+        self._sha256: str | None | bool = False  # False: not asked yet
+        self._scans: dict[OptSpec, tuple[Opt, ...]] = {}
+
+    def ancestors(self) -> Sequence[str]:
+        if self._ancestors is None:
+            self._ancestors = list(self.ctx.ancestors_exe(self._pid()))
+        return self._ancestors
+
+    def sha256(self) -> str | None:
+        if self._sha256 is False:
+            exe = self.event.get("exe")
+            digest = self.ctx.sha256(exe, self._pid()) if isinstance(exe, str) else None
+            self._sha256 = digest.lower() if isinstance(digest, str) else None
+        return self._sha256  # type: ignore[return-value]
+
+    def _pid(self) -> int:
+        pid = self.event.get("pid")
+        return pid if isinstance(pid, int) else -1
+
+    def args(self) -> list[str] | None:
+        argv = self.event.get("argv")
+        return argv[1:] if isinstance(argv, list) else None
+
+    def scan(self, spec: OptSpec) -> tuple[Opt, ...]:
+        opts = self._scans.get(spec)
+        if opts is None:
+            opts = scan_options(self.args() or (), spec)
+            self._scans[spec] = opts
+        return opts

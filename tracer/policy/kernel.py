@@ -1,0 +1,308 @@
+"""What the kernel enforces: the compiled :class:`KernelPlan` of a policy.
+
+Only enabled rules whose action enforces (deny, kill, kill-episode,
+freeze-episode) contribute. User space still evaluates every rule on every
+event; the plan is the part that happens before user space sees anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .conditions import CidrCond, Cond, EnumCond, IPNetwork, PortCond, StrCond
+from .model import Action, Kind, Rule, Scope
+
+COMM_LEN = 15  # TASK_COMM_LEN - 1: the kernel keeps the first 15 bytes of the basename
+MAX_DENY_RULES = 63
+
+# Fields of a connect deny rule the cgroup sock_addr program can evaluate
+# (episode is resolved to cgroups by user space when it fills the maps).
+KERNEL_CONNECT_FIELDS = ("addr", "port", "family", "protocol", "sock_type", "episode")
+DENY_KINDS = (Kind.EXEC, Kind.CONNECT)
+_SOCK_TYPE_PROTOCOL = {"stream": "tcp", "dgram": "udp"}
+
+
+@dataclass(frozen=True)
+class DenyRule:
+    """One connect/sendmsg deny rule for the cgroup sock_addr programs.
+
+    A connect (or an unconnected UDP sendmsg) is denied when the socket
+    family is in `families`, the destination is in `cidrs` (empty: any), the
+    port in `ports` (empty: any), the protocol in `protocols` (empty: tcp and
+    udp), and the destination is in none of `except_cidrs` and its port in
+    none of `except_ports`. IPv4 networks also apply to IPv4-mapped IPv6
+    destinations (`::ffff:a.b.c.d`) on inet6 sockets: the connect6 and
+    sendmsg6 programs must test the mapped address against them, or an
+    AF_INET6 socket walks around an IPv4 deny. `episode_glob` (None: every
+    episode) selects the episode cgroups the rule applies to; with scope
+    `all` the rule applies to every process on the node.
+    """
+
+    name: str
+    index: int  # 0..62: bit index in the per-cgroup rule mask
+    families: frozenset[str]
+    cidrs: tuple[IPNetwork, ...]
+    ports: tuple[tuple[int, int], ...]
+    protocols: frozenset[str]
+    except_cidrs: tuple[IPNetwork, ...]
+    except_ports: tuple[tuple[int, int], ...]
+    episode_glob: str | None
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """In-kernel enforcement compiled from the policy.
+
+    kill_comms: exec rules with action deny or kill whose only condition is an
+        exact basename (or comm) of at most 15 bytes: the exec tracepoint
+        kills these by task comm, no user-space round trip. Applies to
+        episode processes; names also in `kill_comms_all` apply to every
+        process (scope = "all").
+    gate_comms: comms (basenames truncated to 15 bytes) of exec rules with an
+        enforcing action that need user-space judgement (argv, ancestry,
+        hash, except, kill-episode ...): the exec tracepoint stops these with
+        SIGSTOP until user space rules. `gate_comms_all`: the same for every
+        process.
+    gate_all: some enforcing exec rule has no exact name to gate by (glob,
+        regex, fileless, hash only ...): every exec of an episode process is
+        gated. `gate_all_global`: such a rule has scope = "all": every exec
+        on the node is gated.
+    deny: connect/sendmsg deny rules, at most 63, index = position.
+
+    How the exec tracepoint uses it:
+        episode process: SIGKILL if comm in kill_comms; else SIGSTOP (gate)
+            if comm in gate_comms or gate_all.
+        other process: SIGKILL if comm in kill_comms_all; else SIGSTOP if
+            comm in gate_comms_all or gate_all_global.
+
+    Names are str; a name cut inside a multi-byte character keeps the cut
+    bytes as surrogate escapes: `name.encode("utf-8", "surrogateescape")`
+    gives the exact bytes to compare with the task comm.
+    """
+
+    kill_comms: frozenset[str] = frozenset()
+    kill_comms_all: frozenset[str] = frozenset()
+    gate_comms: frozenset[str] = frozenset()
+    gate_comms_all: frozenset[str] = frozenset()
+    gate_all: bool = False
+    gate_all_global: bool = False
+    deny: tuple[DenyRule, ...] = ()
+
+
+def comm_of(name: str) -> tuple[str, bool]:
+    """(the task comm the kernel would show for basename `name`, truncated?)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= COMM_LEN:
+        return name, False
+    return raw[:COMM_LEN].decode("utf-8", "surrogateescape"), True
+
+
+def _exact_names(cond: Cond) -> frozenset[str] | None:
+    if isinstance(cond, StrCond) and cond.field in ("basename", "comm") and cond.exact is not None:
+        return cond.exact
+    return None
+
+
+def _pure_exact(cond: Cond) -> bool:
+    return isinstance(cond, StrCond) and _exact_names(cond) is not None and not cond.globs and not cond.regexes
+
+
+def _gate_names(rule: Rule) -> frozenset[str] | None:
+    """Names that every exec the rule can match has, preferring comm."""
+    for wanted in ("comm", "basename"):
+        for cond in rule.match:
+            if cond.field == wanted:
+                names = _exact_names(cond)
+                if names is not None:
+                    return names
+    return None
+
+
+def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
+    kill: set[str] = set()
+    kill_all: set[str] = set()
+    gate: set[str] = set()
+    gate_all_names: set[str] = set()
+    gate_all = False
+    gate_global = False
+    deny: list[DenyRule] = []
+    for rule in rules:
+        if not rule.enabled or not rule.action.enforces:
+            continue
+        everywhere = rule.scope is Scope.ALL
+        if rule.on is Kind.CONNECT and rule.action is Action.DENY:
+            deny.append(deny_rule(rule, len(deny)))
+            continue
+        if rule.on is not Kind.EXEC:
+            continue
+        kills = rule.action in (Action.DENY, Action.KILL)
+        only_name = kills and not rule.excepts and len(rule.match) == 1 and _pure_exact(rule.match[0])
+        names = _gate_names(rule)
+        if names is None:
+            gate_all = True
+            gate_global = gate_global or everywhere
+            continue
+        for name in names:
+            comm, truncated = comm_of(name)
+            # A truncated name would kill every longer name sharing the first
+            # 15 bytes: gate those and let user space compare the full name.
+            if only_name and not truncated:
+                kill.add(comm)
+                if everywhere:
+                    kill_all.add(comm)
+            else:
+                gate.add(comm)
+                if everywhere:
+                    gate_all_names.add(comm)
+    if len(deny) > MAX_DENY_RULES:
+        raise ValueError(f"{len(deny)} connect deny rules; the kernel holds {MAX_DENY_RULES}")
+    return KernelPlan(
+        kill_comms=frozenset(kill),
+        kill_comms_all=frozenset(kill_all),
+        gate_comms=frozenset(gate - kill),
+        gate_comms_all=frozenset(gate_all_names - kill_all),
+        gate_all=gate_all,
+        gate_all_global=gate_global,
+        deny=tuple(deny),
+    )
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _episode_glob(cond: StrCond) -> str | None:
+    if cond.exact is not None:
+        return _glob_escape(next(iter(cond.exact)))
+    return cond.globs[0] if cond.globs else None
+
+
+def _protocols(conds: Sequence[Cond]) -> frozenset[str] | None:
+    """tcp/udp allowed by the protocol and sock_type conditions (None: any)."""
+    allowed: frozenset[str] | None = None
+    for cond in conds:
+        if not isinstance(cond, EnumCond):
+            continue
+        if cond.field == "protocol":
+            values = frozenset(cond.values)
+        elif cond.field == "sock_type":
+            values = frozenset(_SOCK_TYPE_PROTOCOL[v] for v in cond.values if v in _SOCK_TYPE_PROTOCOL)
+        else:
+            continue
+        allowed = values if allowed is None else allowed & values
+    return allowed
+
+
+def deny_rule(rule: Rule, index: int) -> DenyRule:
+    cidrs: tuple[IPNetwork, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    families = frozenset({"inet", "inet6"})
+    episode: str | None = None
+    for cond in rule.match:
+        if isinstance(cond, CidrCond):
+            cidrs = cond.nets
+        elif isinstance(cond, PortCond):
+            ports = cond.ranges
+        elif isinstance(cond, EnumCond) and cond.field == "family":
+            families = frozenset(cond.values)
+        elif isinstance(cond, StrCond) and cond.field == "episode":
+            episode = _episode_glob(cond)
+    except_cidrs: list[IPNetwork] = []
+    except_ports: list[tuple[int, int]] = []
+    for group in rule.excepts:
+        for cond in group:
+            if isinstance(cond, CidrCond):
+                except_cidrs.extend(cond.nets)
+            elif isinstance(cond, PortCond):
+                except_ports.extend(cond.ranges)
+    return DenyRule(
+        name=rule.name,
+        index=index,
+        families=families,
+        cidrs=cidrs,
+        ports=ports,
+        protocols=_protocols(rule.match) or frozenset(),
+        except_cidrs=tuple(dict.fromkeys(except_cidrs)),
+        except_ports=tuple(sorted(set(except_ports))),
+        episode_glob=episode,
+        scope=rule.scope,
+    )
+
+
+# --------------------------------------------------------------------------
+# validation of deny rules (used by the loader, which knows where things are)
+
+
+@dataclass(frozen=True)
+class DenyProblem:
+    group: int | None  # None: the match table; N: except entry N
+    cond: Cond | None  # None: the whole group / the action
+    message: str
+
+
+def deny_problems(on: Kind, match: Sequence[Cond], excepts: Sequence[Sequence[Cond]]) -> list[DenyProblem]:
+    """Why a rule with action deny cannot be enforced in the kernel."""
+    if on not in DENY_KINDS:
+        return [
+            DenyProblem(
+                None,
+                None,
+                f"deny is enforced in the kernel, which can deny only exec and connect; "
+                f"use action = \"kill\" for '{on.value}' events",
+            )
+        ]
+    if on is Kind.EXEC:
+        return []
+    out: list[DenyProblem] = []
+    seen: set[str] = set()
+    for cond in match:
+        problem = _kernel_cond_problem(cond)
+        if problem is None and cond.field in seen:
+            problem = f"a deny rule can constrain '{cond.field}' only once"
+        seen.add(cond.field)
+        if problem:
+            out.append(DenyProblem(None, cond, problem))
+    if _protocols(match) == frozenset():
+        cond = next(c for c in match if c.field in ("protocol", "sock_type"))
+        out.append(DenyProblem(None, cond, "protocol and sock_type never agree: the rule can never match"))
+    for i, group in enumerate(excepts):
+        bad = [c for c in group if c.field not in ("addr", "port")]
+        for cond in bad:
+            out.append(DenyProblem(i, cond, _non_kernel(cond.field) + " in except"))
+        if not bad and len(group) != 1:
+            out.append(
+                DenyProblem(
+                    i,
+                    None,
+                    "each except entry of a deny rule holds exactly one of addr or port "
+                    "(the kernel tests except addresses and except ports separately)",
+                )
+            )
+    return out
+
+
+def _non_kernel(field: str) -> str:
+    return (
+        f"action \"deny\" on 'connect' events is enforced in the kernel, which cannot evaluate '{field}'; "
+        f"use action = \"kill\""
+    )
+
+
+def _kernel_cond_problem(cond: Cond) -> str | None:
+    if cond.field not in KERNEL_CONNECT_FIELDS:
+        return _non_kernel(cond.field)
+    if cond.field == "family" and isinstance(cond, EnumCond):
+        bad = sorted(str(v) for v in cond.values if v not in ("inet", "inet6"))
+        if bad:
+            return f"deny covers inet and inet6 sockets only (cgroup connect4/connect6); cannot deny {', '.join(bad)}"
+    if cond.field == "sock_type" and isinstance(cond, EnumCond):
+        bad = sorted(str(v) for v in cond.values if v not in _SOCK_TYPE_PROTOCOL)
+        if bad:
+            return f"deny can match sock_type stream or dgram only; cannot deny {', '.join(bad)}"
+    if cond.field == "episode" and isinstance(cond, StrCond):
+        n = len(cond.exact or ()) + len(cond.globs)
+        if cond.regexes or n != 1 or (cond.exact and cond.globs):
+            return "a deny rule takes one episode id or one glob (no regex, no lists)"
+    return None
+
