@@ -262,14 +262,13 @@ class State:
             self._join(ep, rec.get("pid"))
 
     def _on_exit(self, rec: dict[str, Any], ts: float) -> None:
-        pid = rec.get("pid")
-        tid = rec.get("tid")
-        if tid is not None and tid != pid:
-            return                       # a thread ended, not the process
-        self._leave(pid)
         ep_id = rec.get("episode")
         if ep_id is not None:
             self._episode(ep_id, ts)
+        pid = rec.get("pid")
+        tid = rec.get("tid")
+        if tid is None or tid == pid:    # the process ended, not just one of its threads
+            self._leave(pid)
 
     def _on_connect(self, rec: dict[str, Any], ts: float) -> None:
         ep_id = rec.get("episode")
