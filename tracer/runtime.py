@@ -81,6 +81,7 @@ class Runtime:
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
+            engine.load_kernel()
         now = time.time()
         for r in self.tracker.seed(now):
             self.pipeline.emit(r)
@@ -172,6 +173,10 @@ class Runtime:
         while not self.stop_event.is_set():
             self.probes.poll(poll_ms)
             now = time.monotonic()
+            eng = self.pipeline.engine
+            if eng is not None and eng._gate_seen is not None:
+                for r in eng.poll_gates(now):
+                    self.pipeline.emit(r)
             if now - self._last_tick >= self.opts.stats_interval:
                 self.tick(now)
 
@@ -200,6 +205,10 @@ class Runtime:
         self._last_count = pl.count
         self._last_tick = now_mono
         pl.flush()
+
+    def request_reload(self) -> None:
+        if self.pipeline is not None and self.pipeline.engine is not None:
+            self.pipeline.engine.request_reload()
 
     def drain(self) -> None:
         """Consume everything already in the ring buffer (tests, shutdown)."""

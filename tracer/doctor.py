@@ -1,0 +1,148 @@
+"""`agent-tracer doctor`: can this node run the tracer, and if not, why."""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TRACEPOINTS = (
+    "sched/sched_process_fork", "sched/sched_process_exec", "sched/sched_process_exit",
+    "task/task_newtask", "syscalls/sys_enter_execve", "syscalls/sys_enter_execveat",
+    "syscalls/sys_exit_execve", "syscalls/sys_enter_connect", "syscalls/sys_exit_connect",
+    "syscalls/sys_enter_socket", "syscalls/sys_enter_bind", "syscalls/sys_enter_listen",
+    "syscalls/sys_enter_memfd_create", "syscalls/sys_enter_openat", "syscalls/sys_enter_exit_group",
+    "signal/signal_deliver", "signal/signal_generate", "raw_syscalls/sys_enter",
+)
+FIX_INSTALL = "run scripts/install.sh as root (make install)"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _kernel_tuple() -> tuple[int, int]:
+    parts = platform.release().split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("-")[0])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _tracefs() -> Path | None:
+    for p in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+        if (p / "events").exists():
+            return p
+    return None
+
+
+def run_checks(selftest: bool = True) -> list[Check]:
+    out: list[Check] = []
+    root = os.geteuid() == 0
+    out.append(Check("root", "ok" if root else "fail", f"euid {os.geteuid()}", "run as root (sudo)"))
+    kv = _kernel_tuple()
+    out.append(Check("kernel", "ok" if kv >= (5, 14) else ("warn" if kv >= (5, 8) else "fail"),
+                     platform.release(), "kernel >= 5.8 needed (ring buffer); >= 5.14 for cgroup.kill"))
+    btf = Path("/sys/kernel/btf/vmlinux").exists()
+    out.append(Check("btf", "ok" if btf else "warn", "present" if btf else "absent (not needed: tracepoints only)",
+                     "", required=False))
+    tfs = _tracefs()
+    if tfs is None:
+        try:
+            from .probes import ensure_tracefs
+
+            ensure_tracefs()
+            tfs = _tracefs()
+        except Exception:
+            pass
+    if tfs is None:
+        out.append(Check("tracepoints", "fail", "tracefs not mounted", "mount -t tracefs nodev /sys/kernel/tracing"))
+    else:
+        missing = [t for t in TRACEPOINTS if not (tfs / "events" / t).exists()]
+        out.append(Check("tracepoints", "fail" if missing else "ok",
+                         f"missing: {', '.join(missing)}" if missing else f"all {len(TRACEPOINTS)} present",
+                         "a kernel with CONFIG_FTRACE_SYSCALLS and the sched/signal/task tracepoints"))
+    try:
+        from .cgroups import cgroup2_mount
+
+        m = cgroup2_mount()
+        kill = (m / "cgroup.kill").exists() or any(p.name == "cgroup.kill" for p in m.glob("*/cgroup.kill"))
+        out.append(Check("cgroup2", "ok", f"mounted at {m}" + ("" if kill else " (no cgroup.kill)")))
+    except Exception as e:
+        out.append(Check("cgroup2", "fail", str(e), "mount -t cgroup2 none /sys/fs/cgroup"))
+    try:
+        import bcc  # noqa: F401
+
+        out.append(Check("bcc", "ok", f"bcc from {Path(bcc.__file__).parent}"))
+    except ImportError as e:
+        out.append(Check("bcc", "fail", f"cannot import bcc: {e}", FIX_INSTALL + " (python3-bpfcc, venv with --system-site-packages)"))
+    build = Path(f"/lib/modules/{platform.release()}/build")
+    if build.exists():
+        target = os.path.realpath(build)
+        generic = platform.release() not in target
+        out.append(Check("headers", "ok", f"{build} -> {target}" + (" (generic distro headers)" if generic else "")))
+    else:
+        out.append(Check("headers", "fail", f"{build} missing", FIX_INSTALL))
+    out.append(Check("ringbuf", "ok" if kv >= (5, 8) else "fail", "BPF ring buffer (kernel >= 5.8)",
+                     "upgrade the kernel to >= 5.8"))
+    out.append(_gpu_check())
+    if selftest and root and all(c.status != "fail" for c in out if c.required):
+        out.extend(_selftest())
+    return out
+
+
+def _gpu_check() -> Check:
+    try:
+        from .gpu import nvml_status
+
+        ok, detail = nvml_status()
+    except ImportError:
+        ok, detail = False, "GPU watcher not available"
+    return Check("gpu", "ok" if ok else "warn", detail, "install the NVIDIA driver (libnvidia-ml) to watch GPUs",
+                 required=False)
+
+
+def _selftest() -> list[Check]:
+    """Load the programs for real and prove each enforcement path."""
+    from .runtime import Runtime, RunOptions
+
+    rt = Runtime(RunOptions(log=None, control_socket=None, verdict_dir=None, preexisting_sockets=False))
+    out = []
+    try:
+        ready = rt.start()
+        out.append(Check("bpf_load", "ok", f"{len(ready['programs'])} programs attached, compiled in {ready['compile_s']}s"))
+        for path, res in sorted(ready.get("selftest", {}).items()):
+            out.append(Check(f"enforce:{path}", "ok" if res.startswith("ok") else "fail", res,
+                             "see the detail; enforcement on this path is not claimed"))
+        lost = rt.lost_total()
+        out.append(Check("lost_events", "ok" if lost == 0 else "warn", f"{lost} lost during the self-test", required=False))
+    except Exception as e:
+        out.append(Check("bpf_load", "fail", str(e).splitlines()[0][:300], FIX_INSTALL))
+    finally:
+        rt.close()
+    return out
+
+
+def print_report(checks: list[Check], as_json: bool = False) -> bool:
+    ok = all(c.status != "fail" for c in checks if c.required)
+    if as_json:
+        import orjson
+
+        print(orjson.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, option=orjson.OPT_INDENT_2).decode())
+        return ok
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("check", "status", "detail", "fix", title="agent-tracer doctor")
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for c in checks:
+        t.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, "" if c.status == "ok" else c.fix)
+    con = Console()
+    con.print(t)
+    con.print("[green]ready[/]" if ok else "[bold red]not ready: fix the failed checks above[/]")
+    return ok

@@ -1,0 +1,129 @@
+"""`agent-tracer episode list|freeze|thaw|kill`: through the running tracer's
+control socket when there is one (so its state and alerts stay in step),
+else directly on the episode cgroups and /proc."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import cgroups
+from .episodes import check_episode_id
+from .paths import CONTROL_SOCKET
+
+COMMANDS = ("freeze", "thaw", "kill")
+
+
+class EpisodeOpError(RuntimeError):
+    pass
+
+
+def _client():
+    from .control import ControlClient
+
+    return ControlClient(CONTROL_SOCKET)
+
+
+def _episode_root():
+    return cgroups.cgroup2_mount() / "agent-tracer"
+
+
+def offline_episodes() -> list[dict[str, Any]]:
+    """Episodes seen without a tracer: cgroups under agent-tracer/ and
+    processes with an AGENT_EPISODE_ID marker."""
+    from .proctable import env_marker
+    import os
+
+    rows: dict[str, dict[str, Any]] = {}
+    root = _episode_root()
+    if root.exists():
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                rows[d.name] = {"id": d.name, "state": "frozen" if cgroups.is_frozen(d) else "running",
+                                "source": "cgroup", "processes": len(cgroups.all_procs(d)),
+                                "cgroup_path": str(d)}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            ep = env_marker(name)
+            if ep and ep not in rows:
+                rows[ep] = {"id": ep, "state": "running", "source": "env", "processes": 0, "cgroup_path": None}
+            if ep and rows[ep]["source"] == "env":
+                rows[ep]["processes"] += 1
+    return list(rows.values())
+
+
+def list_episodes() -> list[dict[str, Any]]:
+    from .control import ControlError
+
+    try:
+        reply = _client().command("list")
+        if reply.get("ok", True) and "episodes" in reply:
+            return reply["episodes"]
+    except ControlError:
+        pass
+    return offline_episodes()
+
+
+def episode_command(cmd: str, episode: str) -> str:
+    from .control import ControlError, TracerNotRunning
+
+    check_episode_id(episode)
+    try:
+        reply = _client().command(cmd, id=episode)
+    except TracerNotRunning:
+        return _offline_command(cmd, episode)
+    except ControlError as e:
+        raise EpisodeOpError(str(e)) from None
+    if not reply.get("ok"):
+        raise EpisodeOpError(reply.get("error") or f"{cmd} {episode} failed")
+    return reply.get("message") or f"{cmd} {episode}: ok"
+
+
+def _offline_command(cmd: str, episode: str) -> str:
+    cg = _episode_root() / episode
+    if not cg.exists():
+        raise EpisodeOpError(f"no episode {episode!r} (no cgroup {cg}, and no tracer running)")
+    if cmd == "kill":
+        cgroups.kill(cg)
+    else:
+        if not cgroups.freeze(cg, cmd == "freeze"):
+            raise EpisodeOpError(f"{cmd} {episode}: the kernel did not report the new state")
+    return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
+
+
+def apply_episode_command(rt, state, lock, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Server side of the control socket's episode commands."""
+    if cmd == "list":
+        with lock:
+            snap = state.snapshot()
+        return {"ok": True, "episodes": snap.get("episodes", [])}
+    if cmd not in COMMANDS:
+        raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, {', '.join(COMMANDS)})")
+    ep = args.get("id")
+    if not ep:
+        raise EpisodeOpError(f"{cmd}: an episode id is required")
+    check_episode_id(ep)
+    tracker = rt.tracker
+    e = tracker.episodes.get(ep)
+    if e is None or e.ended:
+        raise EpisodeOpError(f"no running episode {ep!r}")
+    eng = rt.pipeline.engine
+    if eng is not None and eng.enforcer is not None:
+        enf = eng.enforcer
+    else:
+        from .enforce import Enforcer
+
+        enf = Enforcer(False, lambda x: tracker.cgroups.paths.get(x),
+                       lambda x: [p.pid for p in tracker.table.members(x)], rt.probes.release_gated)
+    # operator commands are not policy actions: they apply in monitor mode too
+    if cmd == "kill":
+        ok, detail = enf.kill_episode(ep)
+        new = "killed"
+    else:
+        ok, detail = enf.freeze_episode(ep, cmd == "freeze")
+        new = "frozen" if cmd == "freeze" else "running"
+    if not ok:
+        raise EpisodeOpError(f"{cmd} {ep} failed: {detail}")
+    with lock:
+        state.set_episode_state(ep, new)
+    rt.pipeline.emit({"type": "episode_command", "ts": time.time(), "episode": ep, "cmd": cmd, "by": "operator"})
+    return {"ok": True, "message": f"{cmd} {ep}: ok", "state": new}

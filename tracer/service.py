@@ -1,0 +1,78 @@
+"""`agent-tracer run`'s foreground service: the event loop, the control
+socket for `agent-tracer top` and episode commands, and the in-process view."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from .episode_ops import EpisodeOpError, apply_episode_command
+
+log = logging.getLogger(__name__)
+
+
+def _make_state(rt):
+    from .state import State
+
+    ready = rt.ready_record or {}
+    st = State(node=ready.get("node", ""), mode=ready.get("mode", "enforce"),
+               policy_version=ready.get("policy_version") or "", started=rt.started,
+               scope=ready.get("scope", "episodes"))
+    st.observe(ready)
+    return st
+
+
+def serve(rt, dashboard: bool = False) -> None:
+    state = _make_state(rt)
+    lock = threading.Lock()
+    server = None
+
+    def observe(rec: dict[str, Any]) -> None:
+        with lock:
+            state.observe(rec)
+        if server is not None and rec.get("type") == "alert":
+            server.publish_alert(rec)
+
+    rt.add_observer(observe)
+    # episodes already known at start
+    for e in rt.tracker.episodes.values():
+        if not e.ended:
+            observe({"type": "episode_start", "ts": e.started or time.time(), "episode": e.id,
+                     "source": e.source, "cgroup_path": e.cgroup_path, "root_pid": e.root_pid})
+
+    def snapshot() -> dict[str, Any]:
+        with lock:
+            return state.snapshot()
+
+    def handle(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return apply_episode_command(rt, state, lock, cmd, args)
+        except EpisodeOpError as e:
+            return {"ok": False, "error": str(e)}
+
+    if rt.opts.control_socket is not None:
+        from .control import ControlServer
+
+        try:
+            server = ControlServer(rt.opts.control_socket, snapshot, handle)
+            server.start()
+        except OSError as e:
+            log.warning("control socket %s unavailable: %s", rt.opts.control_socket, e)
+            server = None
+    try:
+        if dashboard:
+            from .dashboard import run_inline
+
+            loop = threading.Thread(target=rt.loop, name="tracer-loop", daemon=True)
+            loop.start()
+            try:
+                run_inline(snapshot, rt.stop_event)
+            finally:
+                rt.stop_event.set()
+                loop.join(timeout=5)
+        else:
+            rt.loop()
+    finally:
+        if server is not None:
+            server.close()
