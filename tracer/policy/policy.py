@@ -63,6 +63,15 @@ class Policy:
                 out.append(Verdict(rule.name, rule.severity, rule.action, matched, rule.description, rule.tags))
         return out
 
+    def rule_verdict(self, name: str, matched: Mapping[str, Any]) -> Verdict:
+        """The verdict rule `name` gives when something else (the kernel)
+        decided it matched, e.g. a connect refused by deny rule bit N.
+        KeyError for an unknown rule."""
+        rule = self.rule(name)
+        if rule is None:
+            raise KeyError(name)
+        return Verdict(rule.name, rule.severity, rule.action, dict(matched), rule.description, rule.tags)
+
     def kernel_plan(self) -> KernelPlan:
         return self._plan
 
