@@ -17,7 +17,9 @@ Requests (client -> server)::
     {"op": "ping"}                                  -> {"ok": true, "pong": true}
 
 Any failure is answered ``{"ok": false, "error": "..."}`` (unknown op, bad JSON,
-an exception in the snapshot or command callback). A connection may carry any
+an exception in the snapshot or command callback). A peer whose uid is not
+allowed (root and the tracer's own uid, checked with SO_PEERCRED) gets
+``{"ok": false, "code": "forbidden", "error": "..."}`` and is disconnected. A connection may carry any
 number of requests; a subscription keeps streaming until the client closes.
 
 The server runs one selector loop in a daemon thread. Every socket is
@@ -404,7 +406,8 @@ class ControlServer:
             self._sel.register(sock, selectors.EVENT_READ, conn)
             conn.events = selectors.EVENT_READ
             if uid is not None and uid not in self.allowed_uids:
-                conn.replies.append(_error(f"permission denied for uid {uid}: the control socket is root-only"))
+                conn.replies.append(_dumps({"ok": False, "code": "forbidden",
+                                            "error": f"permission denied for uid {uid}: the control socket is root-only"}))
                 conn.closing = True
 
     @staticmethod
@@ -638,7 +641,7 @@ class ControlClient:
             if not line.strip():
                 continue
             msg = orjson.loads(line)
-            if isinstance(msg, dict) and msg.get("ok") is False and "permission denied" in str(msg.get("error", "")):
+            if isinstance(msg, dict) and msg.get("code") == "forbidden" and msg.get("ok") is False:
                 raise ControlPermissionError(self.path, str(msg.get("error")))
             yield msg
 

@@ -559,13 +559,15 @@ def render_waiting(socket_path: str, detail: str, retry_in: float, width: int, h
     """The screen shown while no tracer answers on `socket_path`. Pure."""
     width = max(int(width), MIN_WIDTH)
     height = max(int(height), 5)
+    headline = f"tracer not running at {socket_path} — retrying in {max(0, math.ceil(retry_in))}s"
+    hint = "start it with: sudo agent-tracer run    ·    Ctrl-C to quit"
     body = Text(justify="center")
-    body.append(f"tracer not running at {socket_path}", style="bold yellow")
-    body.append(f" — retrying in {max(0, math.ceil(retry_in))}s\n", style="yellow")
+    body.append(headline, style="bold yellow")
     if detail:
-        body.append(detail + "\n", style="dim")
-    body.append("start it with: sudo agent-tracer run    ·    Ctrl-C to quit", style="dim")
-    panel = Panel(body, title="agent-tracer top", border_style="yellow", width=min(width, 100))
+        body.append("\n" + detail, style="dim")
+    body.append("\n" + hint, style="dim")
+    panel_w = min(width, max(60, len(headline) + 4, len(detail) + 4))
+    panel = Panel(body, title="agent-tracer top", border_style="yellow", width=panel_w)
     return Align.center(panel, vertical="middle", height=height, width=width)
 
 
@@ -627,7 +629,7 @@ def run_top(
     (frames drawn) and `stop_event` end the loop early (tests, embedding).
     Returns 0.
     """
-    from .control import ControlClient, ControlError, ControlPermissionError
+    from .control import ControlClient, ControlError, ControlPermissionError, TracerNotRunning
 
     console = console or Console()
     stop = stop_event or threading.Event()
@@ -669,6 +671,8 @@ def run_top(
                         if stop.is_set():
                             stream.close()
                             return 0
+                except TracerNotRunning as exc:
+                    detail = exc.detail
                 except ControlPermissionError as exc:
                     detail = str(exc)
                 except ControlError as exc:
