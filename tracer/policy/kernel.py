@@ -263,13 +263,13 @@ def deny_problems(on: Kind, match: Sequence[Cond], excepts: Sequence[Sequence[Co
         seen.add(cond.field)
         if problem:
             out.append(DenyProblem(None, cond, problem))
-    if _protocols(match) == frozenset():
+    if _protocols(match) == frozenset() and not any(p.cond and p.cond.field in ("protocol", "sock_type") for p in out):
         cond = next(c for c in match if c.field in ("protocol", "sock_type"))
         out.append(DenyProblem(None, cond, "protocol and sock_type never agree: the rule can never match"))
     for i, group in enumerate(excepts):
         bad = [c for c in group if c.field not in ("addr", "port")]
         for cond in bad:
-            out.append(DenyProblem(i, cond, _non_kernel(cond.field) + " in except"))
+            out.append(DenyProblem(i, cond, _non_kernel(cond.field)))
         if not bad and len(group) != 1:
             out.append(
                 DenyProblem(

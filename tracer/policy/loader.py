@@ -127,6 +127,8 @@ class _Env:
         self.loader.error(self.loc, key, message)
 
     def expand(self, name: str, key: str) -> list[tuple[Any, str]] | None:
+        if name in self.loader.broken_lists:
+            return None  # its own errors are reported where it is defined
         if name not in self.loader.lists:
             self.error(key, f"unknown list '{name}'")
             return None
@@ -142,6 +144,8 @@ class Loader:
         self.toml_files: list[str] = []
         self.lists: dict[str, ListDef] = {}
         self.macros: dict[str, MacroDef] = {}
+        self.broken_lists: set[str] = set()  # defined with errors: references stay quiet
+        self.broken_macros: set[str] = set()
         self.raw_rules: list[RawItem] = []
         self.overrides: list[RawItem] = []
         self.rule_names: dict[str, Loc] = {}
@@ -228,6 +232,8 @@ class Loader:
                 continue
             entries = self._list_entries(path, loc, value)
             if entries is None:
+                if name not in self.lists:
+                    self.broken_lists.add(name)
                 continue
             first = self.lists.get(name)
             if first is not None:
@@ -298,6 +304,8 @@ class Loader:
                 continue
             if not isinstance(body, dict):
                 self.error(loc, "", f"expected a table of conditions, got {tname(body)}")
+                if name not in self.macros:
+                    self.broken_macros.add(name)
                 continue
             first = self.macros.get(name)
             if first is not None:
@@ -324,6 +332,9 @@ class Loader:
             ref = list_ref(entry)
             if ref is None:
                 out.append((entry, name))
+                continue
+            if ref in self.broken_lists:
+                ok = False
                 continue
             if ref not in self.lists:
                 self.error(ld.loc, f"[{i}]", f"unknown list '{ref}'")
@@ -404,9 +415,11 @@ class Loader:
             key = f"{path}[{i}]" if isinstance(raw, list) else path
             md = self.macros.get(name)
             if md is None:
-                self.error(loc, key, f"unknown macro '{name}'")
+                if name not in self.broken_macros:
+                    self.error(loc, key, f"unknown macro '{name}'")
                 ok = False
                 continue
+            self.used_macros.add(name)
             if name in stack:
                 cycle = " -> ".join(stack[stack.index(name) :] + (name,))
                 self.error(md.loc, "", f"macro cycle: {cycle}")
@@ -419,7 +432,6 @@ class Loader:
                 if missing:
                     ok = False
                     continue
-            self.used_macros.add(name)
             conds = self.expand_macro(name, kind, stack)
             if conds is None:
                 ok = False
