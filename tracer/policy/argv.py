@@ -55,17 +55,17 @@ def parse_getopt(optstring: str) -> tuple[frozenset[str], frozenset[str]]:
     """(all letters, value-taking letters) of a getopt(3) string.
 
     A leading `+`, `-` or `:` (GNU modes) is ignored; `x::` (optional value,
-    attached only) counts as value-taking. Raises ValueError on a character
-    that cannot be an option letter.
+    attached only) counts as value-taking. Option characters are ASCII
+    letters and digits; anything else raises ValueError.
     """
-    s = optstring.lstrip("+-:") if optstring[:1] in ("+", "-", ":") else optstring
+    s = optstring.lstrip("+-:")
     letters: set[str] = set()
     values: set[str] = set()
     i = 0
     while i < len(s):
         c = s[i]
-        if c == ":" or c == "-" or c.isspace() or not c.isprintable():
-            raise ValueError(f"bad option character {c!r} at position {i}")
+        if not (c.isascii() and c.isalnum()):
+            raise ValueError(f"bad option character {c!r} at position {i} (letters and digits only)")
         letters.add(c)
         if s[i + 1 : i + 2] == ":":
             values.add(c)
