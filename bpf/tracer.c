@@ -285,7 +285,7 @@ static __always_inline int on_execve(const char *filename, const char *const *ar
 		if (!bpf_probe_read_user(&p, sizeof(p), &argv[i]) && p)
 			e->flags |= AT_EXEC_ARGV_TRUNCATED;
 	}
-	e->args_len = off > AT_ARGV_BUF ? AT_ARGV_BUF : off;
+	e->args_len = off; /* < AT_ARGV_BUF + AT_ARG_LEN: the buffer has that room */
 	exec_pending.update(&tid, e);
 	return 0;
 }
@@ -416,6 +416,11 @@ TRACEPOINT_PROBE(signal, signal_deliver)
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!in_scope(tgid))
 		return 0;
+	/* the first fatal signal is the cause; the group exit that follows may
+	 * trace a SIGKILL too */
+	struct exit_info *old = exit_info.lookup(&tgid);
+	if (old && old->signal)
+		return 0;
 	struct exit_info info = {.code = -1, .signal = sig};
 	exit_info.update(&tgid, &info);
 	return 0;
@@ -425,9 +430,20 @@ TRACEPOINT_PROBE(signal, signal_generate)
 {
 	/* the exec gate must hold: a SIGCONT to a gated process from anyone but
 	 * the tracer (which removes the pid from `gated` first) re-arms it */
-	if (args->sig != AT_SIGCONT)
-		return 0;
 	u32 target = args->pid;
+	int sig = args->sig;
+	if (sig != AT_SIGCONT) {
+		/* remember a signal that kills by default: a fatal signal reaches
+		 * the victim as SIGKILL (group exit), so this is its real cause */
+		if (sig <= 0 || sig == 17 || sig == 19 || sig == 20 || sig == 21 ||
+		    sig == 22 || sig == 23 || sig == 28 || sig > 31)
+			return 0;
+		if (!tracked.lookup(&target) && !in_scope(bpf_get_current_pid_tgid() >> 32))
+			return 0;
+		struct exit_info info = {.code = -1, .signal = sig};
+		exit_info.update(&target, &info);
+		return 0;
+	}
 	u32 *g = gated.lookup(&target);
 	if (!g)
 		return 0;

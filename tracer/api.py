@@ -130,7 +130,10 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
             proc = subprocess.Popen(list(argv), env=env, cwd=cwd, preexec_fn=enter_cgroup)
         except FileNotFoundError as e:
             raise EpisodeError(f"command not found: {argv[0]}") from e
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        import threading
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
 
         def forward(signum, _frame):
             cgroups.kill(cg)

@@ -645,14 +645,25 @@ class ControlClient:
                 raise ControlPermissionError(self.path, str(msg.get("error")))
             yield msg
 
+    def _send(self, sock: socket.socket, req: dict) -> None:
+        try:
+            sock.sendall(_dumps(req))
+        except OSError as exc:
+            # the server may have refused us (and closed) before reading: its reason is buffered
+            try:
+                sock.settimeout(0.5)
+                next(self._lines(sock))
+            except ControlPermissionError:
+                raise
+            except (ControlError, StopIteration, ValueError):
+                pass
+            raise ConnectionLost(self.path, str(exc)) from None
+
     def request(self, req: dict) -> dict:
         """Send one request and return the one reply."""
         sock = self._connect(self.timeout)
         try:
-            try:
-                sock.sendall(_dumps(req))
-            except OSError as exc:
-                raise ConnectionLost(self.path, str(exc)) from None
+            self._send(sock, req)
             return next(self._lines(sock))
         finally:
             sock.close()
@@ -677,10 +688,10 @@ class ControlClient:
             timeout = 3 * interval + 5.0
         sock = self._connect(self.timeout)
         try:
-            sock.sendall(_dumps({"op": "subscribe", "interval": interval, "alerts": alerts}))
-        except OSError as exc:
+            self._send(sock, {"op": "subscribe", "interval": interval, "alerts": alerts})
+        except BaseException:
             sock.close()
-            raise ConnectionLost(self.path, str(exc)) from None
+            raise
         sock.settimeout(timeout)
         return self._stream(sock)
 

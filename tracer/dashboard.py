@@ -81,7 +81,7 @@ def fmt_count(n: float | int | None) -> str:
     n = float(n)
     a = abs(n)
     if a < 10_000:
-        return f"{n:,.0f}" if n == int(n) else f"{n:,.1f}"
+        return f"{n:,.0f}" if n == int(n) or a >= 100 else f"{n:,.1f}"
     if a < 1_000_000:
         return f"{n / 1000:.1f}k"
     if a < 1_000_000_000:
@@ -566,7 +566,7 @@ def render_waiting(socket_path: str, detail: str, retry_in: float, width: int, h
     if detail:
         body.append("\n" + detail, style="dim")
     body.append("\n" + hint, style="dim")
-    panel_w = min(width, max(60, len(headline) + 4, len(detail) + 4))
+    panel_w = min(width, max(len(hint), len(headline), len(detail)) + 4)
     panel = Panel(body, title="agent-tracer top", border_style="yellow", width=panel_w)
     return Align.center(panel, vertical="middle", height=height, width=width)
 

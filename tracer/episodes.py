@@ -99,15 +99,16 @@ class CgroupRegistry:
         return added, removed
 
     def episode_of(self, cg: int | None) -> str | None:
-        if cg is None:
-            return None
-        ep = self.by_cgroup.get(cg)
-        if ep is None and cg not in self._unknown:
-            self._unknown.add(cg)
-        return ep
+        return None if cg is None else self.by_cgroup.get(cg)
 
-    def needs_rescan(self) -> bool:
-        return bool(self._unknown) and time.monotonic() - self._last_scan > 0.05
+    def first_miss(self, cg: int | None) -> bool:
+        """True the first time an unknown cgroup id is seen since the last
+        scan: the caller rescans (a new episode cgroup appears this way
+        before the periodic scan finds it)."""
+        if cg is None or cg in self.by_cgroup or cg in self._unknown or self.root is None:
+            return False
+        self._unknown.add(cg)
+        return True
 
 
 class Tracker:
@@ -183,6 +184,8 @@ class Tracker:
 
     # ----------------------------------------------------------- resolution
     def _resolve(self, p: Proc) -> None:
+        if self.cgroups.first_miss(p.cgroup):
+            self.pending.extend(self.scan_cgroups(time.time()))
         ep = self.cgroups.episode_of(p.cgroup)
         if ep is not None:
             p.episode, p.membership = ep, "cgroup"
@@ -213,8 +216,6 @@ class Tracker:
             return [rec]
         now = rec.get("ts", now if now is not None else time.time())
         out: list[dict[str, Any]] = []
-        if self.cgroups.needs_rescan():
-            out.extend(self.scan_cgroups(now))
         pid = rec["pid"]
         table = self.table
         recorded_ep = rec.get("episode") if not self.live else None
@@ -243,13 +244,16 @@ class Tracker:
                 rec["exe"], rec["cwd"] = exe, cwd
                 rec["fileless"] = _fileless(exe, rec.get("filename"))
             table.exec(pid, exe, rec.get("argv") or [], cwd)
-            if rec.get("env_episode"):
-                p.env_episode = rec["env_episode"]
+            # the new image's environment is what counts
+            p.env_episode = rec.get("env_episode")
         if recorded_ep is not None:
             p.episode = recorded_ep
             p.membership = rec.get("membership") or p.membership
         else:
             self._resolve(p)
+        if self.pending:
+            out.extend(self.pending)
+            self.pending.clear()
         rec["episode"] = p.episode
         rec["membership"] = p.membership
         rec["ppid"] = p.ppid
@@ -263,6 +267,12 @@ class Tracker:
                 if r:
                     out.append(r)
         out.append(rec)
+        if t == "listen" and self.live and not rec.get("port") and rec.get("result") == 0:
+            from .sockets import local_addr_of
+
+            got = local_addr_of(pid, rec.get("fd"))
+            if got:
+                rec["family"], rec["addr"], rec["port"] = got
         if t == "exit":
             table.exit(pid, time.monotonic())
             if p.episode:

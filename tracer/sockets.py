@@ -78,3 +78,34 @@ def preexisting_records(tracker, include_all: bool = False) -> list[dict[str, An
                 out.append({**base, "type": "connect", "addr": s["dst"], "port": s["dport"],
                             "local_addr": s["src"], "local_port": s["sport"]})
     return out
+
+
+def local_addr_of(pid: int, fd: int | None) -> tuple[str, str, int] | None:
+    """(family, address, port) a TCP socket fd of pid is bound to, from
+    /proc/<pid>/net/tcp{,6}: the kernel picks the port of a bind to port 0."""
+    if fd is None:
+        return None
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not target.startswith("socket:["):
+        return None
+    inode = target[8:-1]
+    for fam, name in (("inet", "tcp"), ("inet6", "tcp6")):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] == inode:
+                        hexaddr, hexport = cols[1].split(":")
+                        raw = bytes.fromhex(hexaddr)
+                        if fam == "inet":
+                            addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                        else:
+                            addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                        return fam, addr, int(hexport, 16)
+        except OSError:
+            continue
+    return None

@@ -1,0 +1,164 @@
+"""Shared fixtures. Root tests load the real BPF programs into the real
+kernel; every fixture cleans up what it creates, also when a test fails."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_root = pytest.mark.skip(reason="needs root: loads BPF programs and creates cgroups/netns")
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(skip_root)
+        if "gpu" in item.keywords and not _has_gpu():
+            item.add_marker(pytest.mark.skip(reason="no NVIDIA GPU/driver on this machine (runs on the GPU node)"))
+
+
+def _has_gpu() -> bool:
+    try:
+        from tracer.gpu import nvml_status
+
+        return nvml_status()[0]
+    except Exception:
+        return False
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    return pred()
+
+
+class LiveTracer:
+    """A Runtime running its loop in a thread, recording into memory."""
+
+    def __init__(self, **opts):
+        from tracer.runtime import Runtime, RunOptions
+        from tracer.sinks import MemorySink
+
+        self.sink = MemorySink()
+        o = dict(log=None, control_socket=None, verdict_dir=None, extra_sinks=[self.sink], policy=False)
+        o.update(opts)
+        self.rt = Runtime(RunOptions(**o))
+        self.thread: threading.Thread | None = None
+
+    def start(self, loop: bool = True) -> "LiveTracer":
+        self.ready = self.rt.start()
+        if loop:
+            self.thread = threading.Thread(target=self.rt.loop, kwargs={"poll_ms": 20}, daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.rt.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+            self.thread = None
+        self.rt.close()
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return list(self.sink.records)
+
+    def find(self, **kw) -> list[dict[str, Any]]:
+        out = []
+        for r in self.records:
+            if all((v(r.get(k)) if callable(v) else r.get(k) == v) for k, v in kw.items()):
+                out.append(r)
+        return out
+
+    def wait(self, timeout: float = 5.0, n: int = 1, **kw) -> list[dict[str, Any]]:
+        return wait_for(lambda: (lambda f: f if len(f) >= n else None)(self.find(**kw)), timeout) or self.find(**kw)
+
+
+@pytest.fixture
+def live_tracer():
+    made: list[LiveTracer] = []
+
+    def make(**opts) -> LiveTracer:
+        t = LiveTracer(**opts)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        try:
+            t.stop()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def episode_id():
+    """A unique episode id; its cgroup is removed after the test."""
+    ep = f"t-{uuid.uuid4().hex[:10]}"
+    yield ep
+    from tracer import cgroups
+
+    try:
+        cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
+    except Exception:
+        pass
+
+
+def run_in_episode(ep: str, argv: list[str], **kw):
+    from tracer.api import run_episode
+
+    return run_episode(ep, argv, **kw)
+
+
+@pytest.fixture
+def netns():
+    """An "external" host: a network namespace joined by a veth pair.
+    Host side 10.213.<n>.1/24 (+ fd00:213:<n>::1/64), namespace side .2."""
+    n = os.getpid() % 200 + 1
+    name = f"at-test-{uuid.uuid4().hex[:6]}"
+    host_if, ns_if = f"ath{name[-6:]}", f"atn{name[-6:]}"
+    v4h, v4n = f"10.213.{n}.1", f"10.213.{n}.2"
+    v6h, v6n = f"fd00:213:{n}::1", f"fd00:213:{n}::2"
+
+    def sh(*cmd):
+        subprocess.run(list(cmd), check=True, capture_output=True)
+
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        sh("ip", "link", "set", ns_if, "netns", name)
+        sh("ip", "addr", "add", f"{v4h}/24", "dev", host_if)
+        sh("ip", "-6", "addr", "add", f"{v6h}/64", "dev", host_if, "nodad")
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", name, "ip", "addr", "add", f"{v4n}/24", "dev", ns_if)
+        sh("ip", "netns", "exec", name, "ip", "-6", "addr", "add", f"{v6n}/64", "dev", ns_if, "nodad")
+        sh("ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up")
+        sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+        yield {"name": name, "host": v4h, "addr": v4n, "host6": v6h, "addr6": v6n,
+               "exec": ["ip", "netns", "exec", name]}
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for p in pids:
+            try:
+                os.kill(int(p), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
