@@ -30,8 +30,8 @@ def test_gate_comms() -> None:
 
 def test_deny_rules() -> None:
     p = plan()
-    assert [d.name for d in p.deny] == ["deny-pools", "deny-dns-udp-everyone", "deny-everything"]
-    pools, dns, everything = p.deny
+    assert [d.name for d in p.deny] == ["deny-pools", "deny-dns-udp", "deny-smtp-everyone", "deny-everything"]
+    pools, dns, smtp, everything = p.deny
     assert pools == DenyRule(
         name="deny-pools",
         index=0,
@@ -50,8 +50,9 @@ def test_deny_rules() -> None:
     assert dns.ports == ((53, 53),)
     assert dns.cidrs == ()
     assert dns.episode_glob == "ep[[]1]"  # an exact id, glob-escaped
-    assert dns.scope is Scope.ALL
-    assert everything.index == 2
+    assert dns.scope is Scope.EPISODES
+    assert (smtp.index, smtp.scope, smtp.episode_glob, smtp.ports) == (2, Scope.ALL, None, ((25, 25),))
+    assert everything.index == 3
     assert (everything.cidrs, everything.ports, everything.protocols) == ((), (), frozenset())
     assert everything.episode_glob == "sandbox-7"
 

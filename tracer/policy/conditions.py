@@ -271,8 +271,12 @@ def _ev(name: str) -> Callable[[Subject], Any]:
 
 
 def _basename(s: Subject) -> str | None:
-    exe = s.event.get("exe")
-    return exe.rsplit("/", 1)[-1] if isinstance(exe, str) else None
+    """Basename of `exe`; for an exec whose image path is unknown, of the
+    path passed to execve (`filename`), so an unresolved exe fails closed."""
+    path = s.event.get("exe")
+    if not isinstance(path, str) and s.event.get("type") == "exec":
+        path = s.event.get("filename")
+    return path.rsplit("/", 1)[-1] if isinstance(path, str) else None
 
 
 def _parent_exe(s: Subject) -> str | None:

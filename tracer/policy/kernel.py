@@ -241,7 +241,9 @@ class DenyProblem:
     message: str
 
 
-def deny_problems(on: Kind, match: Sequence[Cond], excepts: Sequence[Sequence[Cond]]) -> list[DenyProblem]:
+def deny_problems(
+    on: Kind, match: Sequence[Cond], excepts: Sequence[Sequence[Cond]], scope: Scope = Scope.EPISODES
+) -> list[DenyProblem]:
     """Why a rule with action deny cannot be enforced in the kernel."""
     if on not in DENY_KINDS:
         return [
@@ -260,6 +262,8 @@ def deny_problems(on: Kind, match: Sequence[Cond], excepts: Sequence[Sequence[Co
         problem = _kernel_cond_problem(cond)
         if problem is None and cond.field in seen:
             problem = f"a deny rule can constrain '{cond.field}' only once"
+        if problem is None and cond.field == "episode" and scope is Scope.ALL:
+            problem = 'scope = "all" applies the deny to every process; with an episode condition use scope = "episodes"'
         seen.add(cond.field)
         if problem:
             out.append(DenyProblem(None, cond, problem))

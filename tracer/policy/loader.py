@@ -676,7 +676,7 @@ class Loader:
             if build.action is not Action.DENY:
                 continue
             why = f" (action set by {build.action_origin})" if build.action_origin else ""
-            for p in deny_problems(build.on, build.match, [e.conds for e in build.excepts]):
+            for p in deny_problems(build.on, build.match, [e.conds for e in build.excepts], build.scope):
                 if p.group is None:
                     loc, key = build.loc, (p.cond.path if p.cond is not None else "action")
                 else:
