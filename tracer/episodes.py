@@ -267,6 +267,12 @@ class Tracker:
                 if r:
                     out.append(r)
         out.append(rec)
+        if t == "socket" and (rec.get("result") or -1) >= 0:
+            if len(p.sock_types) > 4096:
+                p.sock_types.clear()
+            p.sock_types[rec["result"]] = rec.get("sock_type")
+        elif t in ("connect", "bind", "listen") and "sock_type" not in rec and rec.get("fd") in p.sock_types:
+            rec["sock_type"] = p.sock_types[rec["fd"]]
         if t == "listen" and self.live and not rec.get("port") and rec.get("result") == 0:
             from .sockets import local_addr_of
 

@@ -31,6 +31,7 @@ class Proc:
     membership: str | None = None  # cgroup | env | lineage
     exited: float | None = None  # monotonic time of exit
     execs: int = 0
+    sock_types: dict[int, str] = field(default_factory=dict)  # fd -> stream/dgram/...
 
 
 def _read(path: str) -> str | None:
