@@ -134,8 +134,14 @@ def test_client_raises_tracer_not_running(tmp_path: Path) -> None:
 def test_peer_uid_not_allowed(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     with ControlServer(path, lambda: {"n": 1}, lambda c, r: {}, allowed_uids={os.geteuid() + 4242}):
-        with pytest.raises(ControlPermissionError, match="run as root"):
-            ControlClient(path).snapshot()
+        for _ in range(20):                          # the refusal wins over any send/close race
+            with pytest.raises(ControlPermissionError, match="run as root"):
+                ControlClient(path).snapshot()
+        with pytest.raises(ControlPermissionError):
+            next(ControlClient(path).subscribe())
+        con = rec_console(200, 24)
+        run_top(path, console=con, max_iterations=1)
+        assert "run as root" in con.export_text()
 
 
 # ---------------------------------------------------------------------- requests
@@ -260,6 +266,30 @@ def test_slow_client_does_not_block_publish(server: Any, sock_path: Path) -> Non
     assert dropped is not None and dropped > 0
     assert last_rule == f"r{n - 1}"
     slow.close()
+    t0 = time.monotonic()
+    srv.close()
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_pushed_alerts_arrive_promptly(server: Any, sock_path: Path) -> None:
+    """No periodic snapshot to wake the loop (interval 60 s): every burst must still arrive at once."""
+    srv, _, _ = server
+    stream = ControlClient(sock_path).subscribe(interval=60, timeout=3.0)   # ConnectionLost after 3 s silence
+    assert next(stream)["type"] == "snapshot"
+    wait_for(lambda: srv.n_subscribers == 1)
+    n = 0
+    for burst in range(100):
+        size = 1 + burst % 17
+        pub = threading.Thread(target=lambda: [srv.publish_alert({"rule": f"b{burst}-{k}"}) for k in range(size)])
+        pub.start()
+        got = [next(stream)["rule"] for _ in range(size)]
+        pub.join()
+        assert got == [f"b{burst}-{k}" for k in range(size)]
+        n += size
+    stream.close()
+    t0 = time.monotonic()
+    srv.close()
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_publish_without_subscribers_is_free(server: Any) -> None:

@@ -267,7 +267,7 @@ class ControlServer:
     def close(self) -> None:
         """Stop the loop, close every connection and remove the socket file."""
         self._stop.set()
-        self._wake()
+        self._wake(force=True)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
         self._thread = None
@@ -332,13 +332,15 @@ class ControlServer:
         if line is not None:
             self._wake()
 
-    def _wake(self) -> None:
-        if self._wake_pending or self._wake_w is None:
+    def _wake(self, force: bool = False) -> None:
+        """Make the loop's select() return (at most one pending byte, unless forced)."""
+        w = self._wake_w
+        if w is None or (self._wake_pending and not force):
             return
         self._wake_pending = True
         try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
+            w.send(b"\0")
+        except OSError:        # full (the loop will wake anyway) or closed
             pass
 
     # -- the loop (server thread)
@@ -364,12 +366,14 @@ class ControlServer:
                     if obj is self._listener:
                         self._accept()
                     elif obj is self._wake_r:
-                        self._wake_pending = False
                         try:
                             while self._wake_r.recv(4096):
                                 pass
                         except (BlockingIOError, OSError):
                             pass
+                        # reset only after draining: a wake-up byte sent after this point
+                        # stays in the pipe; alerts queued before it are flushed below
+                        self._wake_pending = False
                     else:
                         conn: _Conn = key.data
                         if mask & selectors.EVENT_READ:

@@ -365,5 +365,7 @@ def test_fmt_helpers() -> None:
     assert dashboard.fmt_count(12345) == "12.3k"
     assert dashboard.fmt_count(1_234_567) == "1.2M"
     assert dashboard.fmt_count(999) == "999"
+    assert dashboard.fmt_count(3933.3) == "3,933"
+    assert dashboard.fmt_count(2.5) == "2.5"
     assert dashboard.fmt_mib(512) == "512M"
     assert dashboard.fmt_mib(30720) == "30.0G"
