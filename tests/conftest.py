@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
+from at_testlib import LiveTracer, _has_gpu, run_in_episode, wait_for  # noqa: F401
+
 IS_ROOT = os.geteuid() == 0
 
 
@@ -23,67 +25,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_root)
         if "gpu" in item.keywords and not _has_gpu():
             item.add_marker(pytest.mark.skip(reason="no NVIDIA GPU/driver on this machine (runs on the GPU node)"))
-
-
-def _has_gpu() -> bool:
-    try:
-        from tracer.gpu import nvml_status
-
-        return nvml_status()[0]
-    except Exception:
-        return False
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
-
-
-class LiveTracer:
-    """A Runtime running its loop in a thread, recording into memory."""
-
-    def __init__(self, **opts):
-        from tracer.runtime import Runtime, RunOptions
-        from tracer.sinks import MemorySink
-
-        self.sink = MemorySink()
-        o = dict(log=None, control_socket=None, verdict_dir=None, extra_sinks=[self.sink], policy=False)
-        o.update(opts)
-        self.rt = Runtime(RunOptions(**o))
-        self.thread: threading.Thread | None = None
-
-    def start(self, loop: bool = True) -> "LiveTracer":
-        self.ready = self.rt.start()
-        if loop:
-            self.thread = threading.Thread(target=self.rt.loop, kwargs={"poll_ms": 20}, daemon=True)
-            self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.rt.stop_event.set()
-        if self.thread is not None:
-            self.thread.join(timeout=10)
-            self.thread = None
-        self.rt.close()
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        return list(self.sink.records)
-
-    def find(self, **kw) -> list[dict[str, Any]]:
-        out = []
-        for r in self.records:
-            if all((v(r.get(k)) if callable(v) else r.get(k) == v) for k, v in kw.items()):
-                out.append(r)
-        return out
-
-    def wait(self, timeout: float = 5.0, n: int = 1, **kw) -> list[dict[str, Any]]:
-        return wait_for(lambda: (lambda f: f if len(f) >= n else None)(self.find(**kw)), timeout) or self.find(**kw)
 
 
 @pytest.fixture
@@ -114,12 +55,6 @@ def episode_id():
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
     except Exception:
         pass
-
-
-def run_in_episode(ep: str, argv: list[str], **kw):
-    from tracer.api import run_episode
-
-    return run_episode(ep, argv, **kw)
 
 
 @pytest.fixture
@@ -160,5 +95,3 @@ def netns():
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import run_in_episode, wait_for
+from at_testlib import run_in_episode, wait_for
 
 pytestmark = pytest.mark.root
 PY = sys.executable
