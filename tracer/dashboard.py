@@ -733,6 +733,16 @@ def top_command(socket_path: str, refresh: float) -> None:
     Example:
         sudo agent-tracer top --refresh 0.5
     """
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt            # leave the alternate screen cleanly on SIGTERM/SIGHUP
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, _terminate)
+        except (ValueError, OSError):      # not the main thread
+            pass
     run_top(socket_path, refresh=refresh)
 
 
