@@ -111,12 +111,12 @@ def test_stale_socket_is_replaced_live_one_refused(tmp_path: Path) -> None:
         ControlClient(path).snapshot()
     with ControlServer(path, lambda: {"n": 1}, lambda c, r: {}):
         assert ControlClient(path).snapshot() == {"n": 1}
-        with pytest.raises(RuntimeError, match="already listening"):
+        with pytest.raises(OSError, match="already listening"):
             ControlServer(path, dict, lambda c, r: {}).start()
         assert ControlClient(path).snapshot() == {"n": 1}      # the first server is untouched
     regular = tmp_path / "file.sock"
     regular.write_text("not a socket")
-    with pytest.raises(RuntimeError, match="not a socket"):
+    with pytest.raises(OSError, match="not a socket"):
         ControlServer(regular, dict, lambda c, r: {}).start()
 
 

@@ -70,6 +70,10 @@ def test_ready_record_sets_mode_scope_policy_selftest() -> None:
     assert snap["mode"] == "monitor" and snap["scope"] == "all" and snap["policy_version"] == "abc123"
     assert snap["selftest"] == {"connect4": "ok", "exec-gate": "failed: EPERM", "sendmsg6": "skipped: no ipv6"}
     assert snap["events_total"] == 0               # bookkeeping records are not events
+    assert snap["node"] == "node-a"                # no node in the record: the constructor's
+    st.observe({"type": "ready", "ts": T0, "episode": None, "node": "gpu-7", "mode": ""})
+    assert st.snapshot(now=T0 + 1)["node"] == "gpu-7"
+    assert st.snapshot(now=T0 + 1)["mode"] == "monitor"    # empty values do not overwrite
     st.observe({"type": "policy_reload", "ts": T0 + 2, "episode": None, "policy_version": "def456"})
     assert st.snapshot(now=T0 + 3)["policy_version"] == "def456"
     st.set_policy_version("ghi789")

@@ -202,6 +202,8 @@ class ControlServer:
 
     # -- lifecycle
     def start(self) -> "ControlServer":
+        """Bind the socket and start serving. Raises OSError when that is impossible
+        (EADDRINUSE: another tracer listens there; EEXIST: the path is not a socket)."""
         if self._thread is not None:
             return self
         _secure_dir(self.path.parent)
@@ -246,7 +248,7 @@ class ControlServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise RuntimeError(f"{self.path} exists and is not a socket; not replacing it")
+            raise FileExistsError(errno.EEXIST, f"{self.path} exists and is not a socket; not replacing it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
@@ -260,7 +262,7 @@ class ControlServer:
         except OSError:
             pass
         else:
-            raise RuntimeError(f"another tracer is already listening on {self.path}")
+            raise OSError(errno.EADDRINUSE, f"another tracer is already listening on {self.path}")
         finally:
             probe.close()
 

@@ -230,9 +230,9 @@ class State:
 
     # ------------------------------------------------------------------ handlers
     def _on_ready(self, rec: dict[str, Any], ts: float) -> None:
-        for key in ("mode", "scope", "policy_version", "version"):
+        for key in ("mode", "scope", "policy_version", "version", "node"):
             value = rec.get(key)
-            if value is not None:
+            if value is not None and value != "":
                 setattr(self, key, str(value))
         selftest = rec.get("selftest")
         if isinstance(selftest, dict):
