@@ -760,7 +760,12 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 		return 1;
 	u64 *m, *x;
 	u8 addr[16] = {};
-	if (v6) {
+	/* an IPv4-mapped IPv6 destination (::ffff:a.b.c.d) is an IPv4 one: an
+	 * AF_INET6 socket must not get around an IPv4 deny */
+	if (v6 && ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+	    ctx->user_ip6[2] == bpf_htonl(0x0000ffff))
+		v6 = 2;
+	if (v6 == 1) {
 		struct lpm6_key k = {.prefixlen = 32 + 128, .gen = gen};
 		u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 		__builtin_memcpy(&k.addr[0], &a0, 4);
@@ -772,7 +777,7 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 		x = exc6.lookup(&k);
 	} else {
 		struct lpm4_key k = {.prefixlen = 32 + 32, .gen = gen};
-		u32 a = ctx->user_ip4;
+		u32 a = v6 ? ctx->user_ip6[3] : ctx->user_ip4;
 		__builtin_memcpy(k.addr, &a, 4);
 		__builtin_memcpy(addr, &a, 4);
 		m = deny4.lookup(&k);
@@ -790,7 +795,7 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 	if (e) {
 		fill_hdr(&e->h, AT_EV_DENY);
 		e->rules = mask;
-		e->family = v6 ? 10 : 2;
+		e->family = v6 == 1 ? 10 : 2;
 		e->protocol = proto;
 		e->port = port;
 		e->user_type = user_type;

@@ -238,28 +238,15 @@ def doctor(as_json, no_selftest) -> None:
     sys.exit(0 if ok else 1)
 
 
-def _mount_optional() -> None:
-    try:
-        from .policy.cli import policy as policy_group
+def _mount_subcommands() -> None:
+    from .dashboard import top_command
+    from .policy.cli import policy as policy_group
 
-        main.add_command(policy_group, "policy")
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    try:
-        from .dashboard import top_command
-
-        main.add_command(top_command, "top")
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .bench import bench_command
-
-        main.add_command(bench_command, "bench")
-    except ImportError:  # pragma: no cover
-        pass
+    main.add_command(policy_group, "policy")
+    main.add_command(top_command, "top")
 
 
-_mount_optional()
+_mount_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
