@@ -66,6 +66,12 @@ def _closure(entries: dict[Any, int]) -> dict[Any, int]:
     return out
 
 
+def _add_port_bits(ports: dict[int, int], ranges: Iterable[tuple[int, int]], bit: int) -> None:
+    for lo, hi in ranges:
+        for p in range(lo, hi + 1):
+            ports[p] = ports.get(p, 0) | bit
+
+
 def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) -> KernelMaps:
     """Compile a policy's kernel plan into map contents (pure).
 
@@ -97,9 +103,7 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) ->
             elif net.version == 6 and "inet6" in fams:
                 deny6[net] = deny6.get(net, 0) | bit
         if r.ports:
-            for lo, hi in r.ports:
-                for p in range(lo, hi + 1):
-                    km.ports[p] = km.ports.get(p, 0) | bit
+            _add_port_bits(km.ports, r.ports, bit)
         else:
             km.anyport_mask |= bit
         protos = set(r.protocols) or {"tcp", "udp"}
@@ -112,9 +116,7 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) ->
                 tgt = exc4 if net.version == 4 else exc6
                 tgt[net] = tgt.get(net, 0) | bit
             if r.except_ports:
-                for lo, hi in r.except_ports:
-                    for p in range(lo, hi + 1):
-                        km.exc_ports[p] = km.exc_ports.get(p, 0) | bit
+                _add_port_bits(km.exc_ports, r.except_ports, bit)
             else:
                 km.exc_anyport_mask |= bit
         scope = getattr(r.scope, "value", r.scope)
