@@ -2,10 +2,14 @@
 records into memory, waiting, running commands in episodes."""
 from __future__ import annotations
 
+import fcntl
 import shutil
 import threading
 import time
 from typing import Any, Callable
+
+
+LIVE_LOCK = "/run/agent-tracer-live-test.lock"
 
 
 def _has_gpu() -> bool:
@@ -41,7 +45,16 @@ class LiveTracer:
         self.thread: threading.Thread | None = None
 
     def start(self, loop: bool = True) -> "LiveTracer":
-        self.ready = self.rt.start()
+        # One live tracer at a time on this machine: the deny rules of one
+        # apply to every episode cgroup, so parallel test runs (and benchmarks)
+        # take turns here instead of seeing each other's enforcement.
+        self._lock = open(LIVE_LOCK, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            self.ready = self.rt.start()
+        except BaseException:
+            self._unlock()
+            raise
         if loop:
             self.thread = threading.Thread(target=self.rt.loop, kwargs={"poll_ms": 20}, daemon=True)
             self.thread.start()
@@ -52,7 +65,16 @@ class LiveTracer:
         if self.thread is not None:
             self.thread.join(timeout=10)
             self.thread = None
-        self.rt.close()
+        try:
+            self.rt.close()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            self._lock = None
+            lock.close()
 
     @property
     def records(self) -> list[dict[str, Any]]:
