@@ -148,13 +148,13 @@ name = "bad-sh"
 severity = "high"
 on = "exec"
 action = "kill"
-match = { comm = "sh", cmdline = { regex = "BADMARK" } }
+match = { basename = "sh", cmdline = { regex = "BADMARK" } }
 """
 
 
 def test_exec_gate_kills_bad_lets_good_run(live_tracer, episode_id, tmp_path):
-    # /bin/sh is a symlink (dash here): user-space `basename` is the resolved
-    # exe's, so the rule matches on comm, which the kernel gates on too
+    # /bin/sh is a symlink (dash here): `basename` must match the name as
+    # called (what the kernel gates on), not only the resolved exe
     t = live_tracer(policy=True, policy_dirs=[policy_dir(tmp_path, GATE_SH)], monitor=False).start()
     bad, good = tmp_path / "MARKERFILE", tmp_path / "GOODFILE"
     res = run_in_episode(episode_id, ["/bin/sh", "-c", f"touch {bad} # BADMARK"])

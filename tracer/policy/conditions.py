@@ -270,13 +270,22 @@ def _ev(name: str) -> Callable[[Subject], Any]:
     return lambda s: s.event.get(name)
 
 
-def _basename(s: Subject) -> str | None:
-    """Basename of `exe`; for an exec whose image path is unknown, of the
-    path passed to execve (`filename`), so an unresolved exe fails closed."""
-    path = s.event.get("exe")
-    if not isinstance(path, str) and s.event.get("type") == "exec":
-        path = s.event.get("filename")
-    return path.rsplit("/", 1)[-1] if isinstance(path, str) else None
+def _basename(s: Subject) -> list[str]:
+    """Basenames a process goes by: of `exe` (the resolved image) and, for an
+    exec, of `filename` (the path as called). `/bin/sh` resolves to `dash` on
+    Debian and the kernel names the task `sh`: `basename = "sh"` must match
+    it, and so must `basename = "dash"`. An unresolved exe still has the
+    called name, so the rule fails closed."""
+    out: list[str] = []
+    for key in ("exe", "filename"):
+        path = s.event.get(key)
+        if isinstance(path, str) and path:
+            name = path.rsplit("/", 1)[-1]
+            if name and name not in out:
+                out.append(name)
+        if s.event.get("type") != "exec":
+            break
+    return out
 
 
 def _parent_exe(s: Subject) -> str | None:
@@ -327,7 +336,7 @@ def _defs(*defs: FieldDef) -> dict[str, FieldDef]:
 
 _COMMON = _defs(
     FieldDef("exe", FType.STR, _ev("exe")),
-    FieldDef("basename", FType.STR, _basename),
+    FieldDef("basename", FType.STRS, _basename),
     FieldDef("comm", FType.STR, _ev("comm")),
     FieldDef("uid", FType.NUM, _ev("uid")),
     FieldDef("episode", FType.STR, _ev("episode")),
