@@ -112,6 +112,32 @@ def test_connect_deny_v4_tcp(live_tracer, episode_id, netns, tmp_path):
         srv.close()
 
 
+def test_connect_deny_v4_rule_covers_ipv4_mapped_v6(live_tracer, episode_id, netns, tmp_path):
+    """An AF_INET6 socket reaching a v4 host through ::ffff:a.b.c.d must not
+    slip past a v4 deny rule (connect6 and sendmsg6 check the mapped address)."""
+    t = live_tracer(policy=True, policy_dirs=[policy_dir(tmp_path, DENY_V4)], monitor=False).start()
+    mapped = "::ffff:" + netns["addr"]
+    srv = NsServer(netns, netns["addr"], 7103)
+    udp = NsServer(netns, netns["addr"], 7104, udp=True)
+    try:
+        res = run_in_episode(episode_id, connect_code(mapped, 7103))
+        assert res.exit_code == errno.EPERM
+        res = run_in_episode(episode_id, connect_code(mapped, 7104, udp=True))
+        assert res.exit_code == errno.EPERM
+        # outside the episode the mapped address still works: the check is the rule's, not a blanket v6 block
+        s = socket.socket(socket.AF_INET6)
+        s.settimeout(3)
+        s.connect((mapped, 7103))
+        s.close()
+        assert srv.count() == 1
+        assert udp.count() == 0
+        a = t.wait(type="alert", rule="deny-netns", n=2)
+        assert len(a) >= 2 and all(x["enforced"] is True and x["episode"] == episode_id for x in a)
+    finally:
+        srv.close()
+        udp.close()
+
+
 def test_connect_deny_v6_tcp_and_udp_sendmsg_v4(live_tracer, episode_id, netns, tmp_path):
     body = DENY_V4 + """
 [[rule]]
