@@ -90,11 +90,10 @@ def _offline_command(cmd: str, episode: str) -> str:
     return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
 
 
-def apply_episode_command(rt, state, lock, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+def apply_episode_command(rt, state, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     """Server side of the control socket's episode commands."""
     if cmd == "list":
-        with lock:
-            snap = state.snapshot()
+        snap = state.snapshot()
         return {"ok": True, "episodes": snap.get("episodes", [])}
     if cmd not in COMMANDS:
         raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, {', '.join(COMMANDS)})")
@@ -123,7 +122,6 @@ def apply_episode_command(rt, state, lock, cmd: str, args: dict[str, Any]) -> di
         new = "frozen" if cmd == "freeze" else "running"
     if not ok:
         raise EpisodeOpError(f"{cmd} {ep} failed: {detail}")
-    with lock:
-        state.set_episode_state(ep, new)
+    state.set_episode_state(ep, new)
     rt.pipeline.emit({"type": "episode_command", "ts": time.time(), "episode": ep, "cmd": cmd, "by": "operator"})
     return {"ok": True, "message": f"{cmd} {ep}: ok", "state": new}

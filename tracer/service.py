@@ -24,13 +24,11 @@ def _make_state(rt):
 
 
 def serve(rt, dashboard: bool = False) -> None:
-    state = _make_state(rt)
-    lock = threading.Lock()
+    state = _make_state(rt)  # State locks itself: observe() and snapshot() run on different threads
     server = None
 
     def observe(rec: dict[str, Any]) -> None:
-        with lock:
-            state.observe(rec)
+        state.observe(rec)
         if server is not None and rec.get("type") == "alert":
             server.publish_alert(rec)
 
@@ -41,13 +39,11 @@ def serve(rt, dashboard: bool = False) -> None:
             observe({"type": "episode_start", "ts": e.started or time.time(), "episode": e.id,
                      "source": e.source, "cgroup_path": e.cgroup_path, "root_pid": e.root_pid})
 
-    def snapshot() -> dict[str, Any]:
-        with lock:
-            return state.snapshot()
+    snapshot = state.snapshot
 
     def handle(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            return apply_episode_command(rt, state, lock, cmd, args)
+            return apply_episode_command(rt, state, cmd, args)
         except EpisodeOpError as e:
             return {"ok": False, "error": str(e)}
 
