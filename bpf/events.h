@@ -47,6 +47,12 @@ enum at_kind {
 #define AT_EXEC_KILLED (1u << 2)       /* killed in the kernel (known-bad name) */
 #define AT_EXEC_GATED (1u << 3)        /* stopped by the exec gate */
 #define AT_EXEC_KILL_WOULD (1u << 4)   /* name on the kill list, not enforced */
+#define AT_EXEC_NO_ARGV (1u << 5)      /* out of scope at execve: argv not captured
+					  (user space reads /proc/<pid>/cmdline) */
+
+/* episode slot of the tracer's self-test (canary) cgroup: never gated by
+ * gate-all (the tracer waits on its canaries synchronously) */
+#define AT_SLOT_CANARY 65535
 
 /* tracked map value: how a process entered scope (low byte), episode slot above */
 #define AT_TRACK_ENV 1
@@ -77,7 +83,9 @@ enum at_config {
 	AT_CFG_EXC_ANYPORT0 = 11, /* rules whose except has no port condition */
 	AT_CFG_EXC_ANYPORT1 = 12,
 	AT_CFG_EPISODE_ROOT = 13, /* cgroup id of <cgroup2>/agent-tracer */
-	AT_CFG_MAX = 14,
+	AT_CFG_GATE_ALL_GLOBAL = 14, /* bit g: gate every exec on the node in generation g
+				       (but the tracer's own process tree) */
+	AT_CFG_MAX = 15,
 };
 
 struct event_hdr {

@@ -73,6 +73,10 @@ BPF_PERCPU_ARRAY(sock_scratch, struct bound_addr, 1);
 BPF_HASH(kill_comms, struct comm_key, u8, 4096);   /* value: 1 episodes, 2 all */
 BPF_HASH(gate_comms, struct comm_key, u8, 4096);
 BPF_HASH(gated, u32, u32, 4096);                   /* 1 held, 2 continued by someone else */
+/* the tracer's own process tree (tgids): never gated outside episodes, so the
+ * tracer cannot wait on a child that waits on the tracer. User space puts
+ * its tgid here; children are added at clone, removed at exit. */
+BPF_HASH(self_tree, u32, u8, 4096);
 BPF_HASH(slot_mask, u32, u64, 32768);              /* gen<<16|slot -> deny rule mask */
 BPF_LPM_TRIE(deny4, struct lpm4_key, u64, 8192);
 BPF_LPM_TRIE(deny6, struct lpm6_key, u64, 8192);
@@ -176,9 +180,15 @@ TRACEPOINT_PROBE(task, task_newtask)
 {
 	/* runs in the parent: remember thread clones so the fork event and the
 	 * lineage below are only for new processes */
-	if (!(args->clone_flags & AT_CLONE_THREAD))
-		return 0;
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!(args->clone_flags & AT_CLONE_THREAD)) {
+		if (self_tree.lookup(&tgid)) {
+			u32 child = args->pid;
+			u8 one = 1;
+			self_tree.update(&child, &one);
+		}
+		return 0;
+	}
 	if (!in_scope(tgid))
 		return 0;
 	u32 child = args->pid;
@@ -324,6 +334,28 @@ static __always_inline u8 comm_verdict(void *map_lookup_result)
 	return map_lookup_result ? *(u8 *)map_lookup_result : 0;
 }
 
+/* should this exec be stopped for a user-space verdict?
+ *   episode process: comm gated (any scope), or gate-all (episodes or global)
+ *   other process:   comm gated for scope = "all", or global gate-all
+ * The tracer's self-test canaries and (outside episodes) the tracer's own
+ * process tree are never gated: the tracer waits on them synchronously. */
+static __always_inline int exec_gate(int scoped, u32 tgid, struct comm_key *ck)
+{
+	u8 gate = comm_verdict(gate_comms.lookup(ck));
+	u64 bit = 1ULL << ck->gen;
+	int ep = scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1);
+	if (ep) {
+		if (gate)
+			return 1;
+		if (!((cfg(AT_CFG_GATE_ALL) | cfg(AT_CFG_GATE_ALL_GLOBAL)) & bit))
+			return 0;
+		return cgroup_slot() != AT_SLOT_CANARY;
+	}
+	if (gate != 2 && !(cfg(AT_CFG_GATE_ALL_GLOBAL) & bit))
+		return 0;
+	return self_tree.lookup(&tgid) == 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	u32 old = args->old_pid;
@@ -342,40 +374,35 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	} else {
 		kill = 0;
 	}
-	if (!p) {
-		if (kill) {
-			/* out of scope but killed (scope=all rule): still report */
-			struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
-			if (!e) {
-				count_lost(AT_EV_EXEC);
-				return 0;
-			}
-			fill_hdr(&e->h, AT_EV_EXEC);
-			e->flags = AT_EXEC_KILLED;
-			e->argc = 0;
-			e->args_len = 0;
-			e->old_pid = old;
-			e->episode[0] = 0;
-			TP_DATA_LOC_READ_STR(e->filename, filename, AT_FILENAME_LEN);
-			events.ringbuf_submit(e, 0);
-		}
-		return 0;
-	}
-
-	u32 flags = p->flags;
+	u32 flags = p ? p->flags : AT_EXEC_NO_ARGV;
 	if (kill) {
 		flags |= AT_EXEC_KILLED;
-	} else {
-		u8 gate = comm_verdict(gate_comms.lookup(&ck));
-		int ep = AT_SCOPE_ALL ? in_episode(tgid) : 1;
-		if (gate == 2 || (gate == 1 && ep) ||
-		    (ep && (cfg(AT_CFG_GATE_ALL) & (1ULL << ck.gen)))) {
-			u32 held = 1;
-			gated.update(&tgid, &held);
-			bpf_send_signal(AT_SIGSTOP);
-			count(AT_CNT_GATED);
-			flags |= AT_EXEC_GATED;
+	} else if (exec_gate(p != 0, tgid, &ck)) {
+		u32 held = 1;
+		gated.update(&tgid, &held);
+		bpf_send_signal(AT_SIGSTOP);
+		count(AT_CNT_GATED);
+		flags |= AT_EXEC_GATED;
+	}
+	if (!p) {
+		/* out of scope: reported only when killed or gated (scope = "all"
+		 * rules); argv was not captured at execve */
+		if (!(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
+			return 0;
+		struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
+		if (!e) {
+			count_lost(AT_EV_EXEC);
+			return 0;
 		}
+		fill_hdr(&e->h, AT_EV_EXEC);
+		e->flags = flags;
+		e->argc = 0;
+		e->args_len = 0;
+		e->old_pid = old;
+		e->episode[0] = 0;
+		TP_DATA_LOC_READ_STR(e->filename, filename, AT_FILENAME_LEN);
+		events.ringbuf_submit(e, 0);
+		return 0;
 	}
 
 	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
@@ -494,6 +521,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	}
 	tracked.delete(&tgid);
 	gated.delete(&tgid);
+	self_tree.delete(&tgid);
 	if (!scoped)
 		return 0;
 	RESERVE(e, struct exit_event, AT_EV_EXIT);

@@ -62,6 +62,9 @@ def test_constants_match_events_h():
     assert 1 << int(flags["AT_EXEC_ENV_MARKER"]) == events.EXEC_ENV_MARKER
     assert 1 << int(flags["AT_EXEC_KILLED"]) == events.EXEC_KILLED
     assert 1 << int(flags["AT_EXEC_GATED"]) == events.EXEC_GATED
+    assert 1 << int(flags["AT_EXEC_KILL_WOULD"]) == events.EXEC_KILL_WOULD
+    assert 1 << int(flags["AT_EXEC_NO_ARGV"]) == events.EXEC_NO_ARGV
+    assert int(defines["AT_SLOT_CANARY"]) == events.SLOT_CANARY
 
 
 @pytest.mark.parametrize(

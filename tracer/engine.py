@@ -22,11 +22,12 @@ from typing import Any, Iterable
 
 from . import cgroups
 from .enforce import ENFORCING_ACTIONS, Enforcer, Outcome
+from .events import SLOT_CANARY
 from .probes import KernelMaps
 
 log = logging.getLogger(__name__)
 
-CANARY_SLOT = 0xFFFF
+CANARY_SLOT = SLOT_CANARY  # bpf/events.h AT_SLOT_CANARY: never gated by gate-all
 CANARY_BIT = 63
 CANARY_ADDR = "127.255.255.254"
 CANARY_PORT = 9
@@ -87,6 +88,7 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) ->
     for comm in getattr(plan, "gate_comms_all", ()):
         km.gate_comms[comm[:COMM_MAX]] = 2
     km.gate_all = bool(plan.gate_all)
+    km.gate_all_global = bool(getattr(plan, "gate_all_global", False))
     deny4: dict[Any, int] = {}
     deny6: dict[Any, int] = {}
     exc4: dict[Any, int] = {}
@@ -506,13 +508,18 @@ class Engine:
             self.probes.release_gated(p.pid)
 
     def close(self) -> None:
-        # nothing may stay stopped behind us: apply the default verdict
+        # nothing may stay stopped behind us: apply the default verdict to
+        # episode processes; a process outside every episode (gated by a
+        # scope = "all" rule) is continued: the tracer going away must not
+        # kill the node's own processes
         if self.probes is None:
             return
         for pid in list(self.probes.gated()):
             self.probes.release_gated(pid)
+            p = self.tracker.table.get(pid) if self.tracker else None
+            allow = self.gate_default == "allow" or self.monitor or p is None or not p.episode
             try:
-                os.kill(pid, signal.SIGCONT if self.gate_default == "allow" or self.monitor else signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT if allow else signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -525,6 +532,7 @@ class _EmptyPlan:
     kill_comms: frozenset = frozenset()
     gate_comms: frozenset = frozenset()
     gate_all = False
+    gate_all_global = False
     deny: tuple = ()
 
 

@@ -239,6 +239,11 @@ class Tracker:
         if t == "exec":
             exe, cwd = rec.get("exe"), rec.get("cwd")
             if self.live:
+                if rec.pop("argv_from_proc", False):
+                    # out of scope at execve (gated or killed by a scope = "all"
+                    # rule): the process is stopped right after exec, so its
+                    # cmdline is the new image's argv
+                    rec["argv"] = _cmdline(pid)
                 exe = _readlink(f"/proc/{pid}/exe") or _absolute(rec.get("filename"), cwd)
                 cwd = _readlink(f"/proc/{pid}/cwd")
                 rec["exe"], rec["cwd"] = exe, cwd
@@ -302,6 +307,15 @@ def _readlink(path: str) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]] if raw else []
 
 
 def _absolute(filename: str | None, cwd: str | None) -> str | None:

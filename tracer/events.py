@@ -40,6 +40,11 @@ EXEC_ARGV_TRUNCATED = 1 << 0
 EXEC_ENV_MARKER = 1 << 1
 EXEC_KILLED = 1 << 2
 EXEC_GATED = 1 << 3
+EXEC_KILL_WOULD = 1 << 4
+EXEC_NO_ARGV = 1 << 5  # out of scope at execve: argv comes from /proc/<pid>/cmdline
+
+# episode slot of the self-test (canary) cgroup
+SLOT_CANARY = 0xFFFF
 
 # tracked map value
 TRACK_ENV = 1
@@ -71,9 +76,10 @@ class Config(enum.IntEnum):
     EXC_ANYPORT0 = 11
     EXC_ANYPORT1 = 12
     EPISODE_ROOT = 13
+    GATE_ALL_GLOBAL = 14
 
 
-CONFIG_MAX = 14
+CONFIG_MAX = 15
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -241,6 +247,8 @@ def _exec(v: tuple) -> dict[str, Any]:
     flags, argc, args_len = v[7], v[8], v[9]
     raw = v[13][:args_len]
     argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:argc]]
+    if flags & EXEC_NO_ARGV:
+        r["argv_from_proc"] = True  # the tracker reads /proc/<pid>/cmdline
     r.update(
         old_pid=v[10],
         filename=cstr(v[11]),

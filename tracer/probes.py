@@ -99,6 +99,8 @@ class Probes:
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
+        # the tracer's own process tree is never gated outside episodes
+        self.bpf["self_tree"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
         for i, prefix in enumerate(cfg.gpu_prefixes[: events.GPU_PREFIX_MAX]):
             self._set_gpu_prefix(i, prefix)
         self._rb_cb = self._make_callback(on_record)
@@ -266,8 +268,8 @@ class Probes:
             t = self.bpf[name]
             for k in [k for k in t.keys() if (k.value >> 16) == gen]:
                 del t[k]
-        gate_all = self.get_cfg(Config.GATE_ALL) & ~(1 << gen)
-        self._set_cfg(Config.GATE_ALL, gate_all)
+        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL):
+            self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
             self._set_cfg(Config(base + gen), 0)
 
@@ -281,6 +283,8 @@ class Probes:
                 t[k] = ctypes.c_ubyte(scope)
         if plan.gate_all:
             self._set_cfg(Config.GATE_ALL, self.get_cfg(Config.GATE_ALL) | (1 << gen))
+        if plan.gate_all_global:
+            self._set_cfg(Config.GATE_ALL_GLOBAL, self.get_cfg(Config.GATE_ALL_GLOBAL) | (1 << gen))
         for name, entries in (("deny4", plan.deny4), ("deny6", plan.deny6), ("exc4", plan.exc4), ("exc6", plan.exc6)):
             t = self.bpf[name]
             for net, mask in entries.items():
@@ -318,6 +322,7 @@ class KernelMaps:
     kill_comms: dict[str, int] = field(default_factory=dict)  # comm -> 1 episodes / 2 all
     gate_comms: dict[str, int] = field(default_factory=dict)
     gate_all: bool = False
+    gate_all_global: bool = False  # every exec on the node (but the tracer's own tree)
     deny4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     deny6: dict[ipaddress.IPv6Network, int] = field(default_factory=dict)
     exc4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
