@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from .argv import OptSpec, flag_matches, parse_getopt
 from .context import Subject
 from .model import NO_MATCH, Kind, Op, OptionsEnd, enum_values
+from .sshconfig import ssh_config_directives
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -87,6 +88,7 @@ class StrCond(Cond):
     globs: tuple[str, ...] = ()
     regexes: tuple[str, ...] = ()
     many: bool = False  # the field is a list (arg, ancestor_exe): any element
+    never: bool = False  # an operator was given an empty list (e.g. an empty "$list"): nothing matches
     _glob: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
     _res: tuple[re.Pattern[str], ...] = field(default=(), init=False, compare=False, repr=False)
 
@@ -95,7 +97,7 @@ class StrCond(Cond):
         object.__setattr__(self, "_res", tuple(re.compile(r) for r in self.regexes))
 
     def ok(self, x: Any) -> bool:
-        if not isinstance(x, str):
+        if not isinstance(x, str) or self.never:
             return False
         if self.exact is not None and x not in self.exact:
             return False
@@ -288,6 +290,13 @@ def _basename(s: Subject) -> list[str]:
     return out
 
 
+def _gpu_allowed(s: Subject) -> Any:
+    """From the record (the GPU watcher sets it on `gpu` samples), else asked
+    of the context (live: the episode's registered GPU processes)."""
+    v = s.event.get("gpu_allowed")
+    return v if v is not None else s.gpu_allowed()
+
+
 def _parent_exe(s: Subject) -> str | None:
     anc = s.ancestors()
     return anc[0] if anc else None
@@ -348,6 +357,7 @@ _SOCK_TYPE = FieldDef("sock_type", FType.ENUM, _sock_type, enum=SOCK_TYPE)
 _ADDR = FieldDef("addr", FType.CIDR, _ev("addr"))
 _PORT = FieldDef("port", FType.PORT, _ev("port"))
 _RESULT = FieldDef("result", FType.NUM, _ev("result"))
+_GPU_ALLOWED = FieldDef("gpu_allowed", FType.BOOL, _gpu_allowed, cost=2)
 _CONNECT = _defs(
     _FAMILY,
     _ADDR,
@@ -370,6 +380,7 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("argv_option", FType.OPTION, lambda s: s.args(), cost=1),
             FieldDef("fileless", FType.BOOL, _ev("fileless")),
             FieldDef("sha256", FType.SHA256, lambda s: s.sha256(), cost=3),
+            FieldDef("ssh_config", FType.STRS, lambda s: ssh_config_directives(s.event), cost=2),
         ),
     },
     Kind.CONNECT: {**_COMMON, **_CONNECT},
@@ -388,11 +399,17 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
     },
     Kind.GPU_OPEN: {
         **_COMMON,
-        **_defs(FieldDef("path", FType.STR, _ev("path")), FieldDef("flags", FType.NUM, _ev("flags")), _RESULT),
+        **_defs(
+            FieldDef("path", FType.STR, _ev("path")),
+            FieldDef("flags", FType.NUM, _ev("flags")),
+            _RESULT,
+            _GPU_ALLOWED,
+        ),
     },
     Kind.GPU: {
         **_COMMON,
         **_defs(
+            _GPU_ALLOWED,
             FieldDef("gpu_index", FType.NUM, _ev("gpu_index")),
             FieldDef("gpu_uuid", FType.STR, _ev("gpu_uuid")),
             FieldDef("used_mib", FType.NUM, _ev("used_mib")),
@@ -605,6 +622,7 @@ def _compile_str(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: d
         globs=tuple(got.get(Op.GLOB, ())),
         regexes=tuple(got.get(Op.REGEX, ())),
         many=fd.ftype is FType.STRS,
+        never=any(not v for v in got.values()),
         **base,
     )
 
