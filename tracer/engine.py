@@ -181,10 +181,11 @@ class LiveContext:
 
 
 def make_context(tracker):
+    from .gpu_allow import GpuAllow
     from .policy import EvalContext
 
     live = LiveContext(tracker)
-    return EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256)
+    return EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed)
 
 
 # -------------------------------------------------------------------- alert
@@ -235,6 +236,9 @@ class Engine:
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
         self.reload_failures = 0
+        from .policy import Holds
+
+        self.holds = Holds()
 
     @classmethod
     def from_options(cls, opts) -> "Engine":
@@ -288,7 +292,7 @@ class Engine:
             return []
         if t == "exit":
             self._gate_seen.pop(rec.get("pid"), None)
-        verdicts = self.policy.evaluate(rec, self.ctx)
+        verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
         out = []
         enforcing_verdict = False
         for v in verdicts:

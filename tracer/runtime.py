@@ -38,6 +38,7 @@ class RunOptions:
     stats_interval: float = 1.0
     preexisting_sockets: bool = True
     gpu_prefixes: tuple[str, ...] | None = None
+    gpu_interval: float = 1.0  # seconds between GPU watcher samples; 0 turns the watcher off
     policy: bool = True
     gate_timeout: float = 2.0
     gate_default: str = "kill"
@@ -60,6 +61,7 @@ class Runtime:
         self.ready_record: dict[str, Any] | None = None
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self.stop_event = threading.Event()
+        self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -105,8 +107,36 @@ class Runtime:
         }
         self.pipeline.emit(self.ready_record)
         self.pipeline.flush()
+        self._start_gpu_watcher()
         self._last_tick = time.monotonic()
         return self.ready_record
+
+    # ------------------------------------------------------------------- GPU
+    def _start_gpu_watcher(self) -> None:
+        """Lazily, after the tracer is ready: NVML is loaded and initialised
+        in the watcher's thread, so a node without GPUs starts as fast as
+        ever and says why GPU watching is off in a `gpu_status` record."""
+        if self.opts.gpu_interval <= 0:
+            return
+        from .gpu_watch import GpuWatcher
+
+        self.gpu = GpuWatcher(self.tracker, interval=self.opts.gpu_interval)
+        self.pipeline.observers.append(self._gpu_observe)
+        self.gpu.start()
+
+    def _gpu_observe(self, rec: dict[str, Any]) -> None:
+        if rec["type"] == "episode_end" and rec.get("episode"):
+            self.gpu.episode_ended(rec["episode"], rec.get("ts") or time.time())
+
+    def poll_gpu(self) -> None:
+        if self.gpu is None:
+            return
+        pl = self.pipeline
+        for r in self.gpu.poll():
+            if r["type"] == "gpu":
+                pl.handle(r)  # through the policy
+            else:
+                pl.emit(r)
 
     def add_observer(self, fn: Callable[[dict[str, Any]], None]) -> None:
         self._observers.append(fn)
@@ -172,6 +202,7 @@ class Runtime:
     def loop(self, poll_ms: int = 100) -> None:
         while not self.stop_event.is_set():
             self.probes.poll(poll_ms)
+            self.poll_gpu()
             now = time.monotonic()
             eng = self.pipeline.engine
             if eng is not None and eng._gate_seen is not None:
@@ -219,6 +250,14 @@ class Runtime:
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.stop()
+            if self.pipeline is not None:
+                try:
+                    self.poll_gpu()
+                except Exception as e:  # pragma: no cover
+                    log.warning("final GPU records: %s", e)
+            self.gpu = None
         if self.probes is not None:
             try:
                 self.probes.consume()

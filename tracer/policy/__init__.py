@@ -12,6 +12,7 @@ The language is documented in docs/policies.md.
 from __future__ import annotations
 
 from .context import EvalContext, record_context
+from .hold import Holds
 from .kernel import DenyRule, KernelPlan
 from .loader import load_policy
 from .model import (
@@ -33,6 +34,7 @@ __all__ = [
     "DenyRule",
     "Diagnostic",
     "EvalContext",
+    "Holds",
     "KernelPlan",
     "Kind",
     "Level",

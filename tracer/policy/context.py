@@ -21,6 +21,10 @@ def _no_hash(path: str, pid: int) -> str | None:
     return None
 
 
+def _unknown(pid: int) -> bool | None:
+    return None
+
+
 @dataclass(frozen=True)
 class EvalContext:
     """Lazy facts about the process of an event.
@@ -31,10 +35,15 @@ class EvalContext:
     sha256(path, pid): lowercase hex sha256 of the executable image, or None
         when unknown. Called at most once per evaluated event, and only when
         a rule's cheaper conditions already hold.
+    gpu_allowed(pid): whether the process may use GPUs (it is, or descends
+        by design from, a GPU process its episode registered; docs/gpu.md),
+        None when unknown. Asked only when the record does not carry
+        `gpu_allowed` itself.
     """
 
     ancestors_exe: Callable[[int], Sequence[str]] = _no_ancestors
     sha256: Callable[[str, int], str | None] = _no_hash
+    gpu_allowed: Callable[[int], bool | None] = _unknown
 
 
 def record_context(record: Mapping[str, Any]) -> EvalContext:
@@ -50,7 +59,7 @@ def record_context(record: Mapping[str, Any]) -> EvalContext:
 class Subject:
     """One event under evaluation, with per-event caches of the lazy facts."""
 
-    __slots__ = ("event", "ctx", "_ancestors", "_sha256", "_scans")
+    __slots__ = ("event", "ctx", "_ancestors", "_sha256", "_scans", "_gpu_allowed")
 
     def __init__(self, event: Mapping[str, Any], ctx: EvalContext) -> None:
         self.event = event
@@ -58,6 +67,12 @@ class Subject:
         self._ancestors: Sequence[str] | None = None
         self._sha256: str | None | bool = False  # False: not asked yet
         self._scans: dict[OptSpec, tuple[Opt, ...]] = {}
+        self._gpu_allowed: bool | None | str = "?"
+
+    def gpu_allowed(self) -> bool | None:
+        if self._gpu_allowed == "?":
+            self._gpu_allowed = self.ctx.gpu_allowed(self._pid())
+        return self._gpu_allowed  # type: ignore[return-value]
 
     def ancestors(self) -> Sequence[str]:
         if self._ancestors is None:

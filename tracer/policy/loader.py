@@ -25,15 +25,18 @@ from .model import Action, Diagnostic, Kind, Level, Rule, Scope, Severity, enum_
 from .policy import LoadResult, Policy
 from .version import policy_version
 
-RULE_KEYS = ("name", "description", "severity", "on", "match", "except", "action", "scope", "enabled", "tags")
+RULE_KEYS = (
+    "name", "description", "severity", "on", "match", "except", "action", "scope", "enabled", "tags", "for_s",
+)
 REQUIRED_RULE_KEYS = ("name", "on", "severity", "action")
 TOP_KEYS = ("lists", "macros", "override", "rule")
 LIST_TABLE_KEYS = ("file", "items")
 OVERRIDE_KEYS = {
     "list": ("list", "append", "remove"),
     "macro": ("macro", "replace"),
-    "rule": ("rule", "enabled", "action", "severity", "scope", "append_except"),
+    "rule": ("rule", "enabled", "action", "severity", "scope", "append_except", "for_s"),
 }
+MAX_FOR_S = 86400  # a day
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -93,6 +96,7 @@ class RuleBuild:
     match: tuple[Cond, ...]
     excepts: list[ExceptEntry]
     action_origin: str | None = None  # "override #N in FILE" when an override set it
+    for_s: float | None = None
 
     def freeze(self) -> Rule:
         def by_cost(conds: Iterable[Cond]) -> tuple[Cond, ...]:
@@ -110,6 +114,7 @@ class RuleBuild:
             match=by_cost(self.match),
             excepts=tuple(by_cost(e.conds) for e in self.excepts),
             file=self.loc.file,
+            for_s=self.for_s,
         )
 
 
@@ -593,6 +598,10 @@ class Loader:
             excepts_raw = []
         if kind is None:
             return None
+        for_s = None
+        if "for_s" in d:
+            for_s = self._for_s(loc, d["for_s"], kind)
+            ok = ok and for_s is not None
         conds = self.compile_table(match, kind, loc, "match") if match is not None else None
         excepts = self._compile_excepts(excepts_raw, kind, loc, "except")
         if not ok or conds is None or excepts is None:
@@ -609,7 +618,25 @@ class Loader:
             tags=tuple(tags),
             match=conds,
             excepts=excepts,
+            for_s=for_s,
         )
+
+    def _for_s(self, loc: Loc, raw: Any, kind: Kind) -> float | None:
+        """A rule's duration: seconds its conditions must hold, gpu rules only."""
+        if kind is not Kind.GPU:
+            self.error(
+                loc, "for_s",
+                f"only 'gpu' rules take a duration (it counts over the GPU watcher's samples); "
+                f"'{kind.value}' events happen once",
+            )
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            self.error(loc, "for_s", f"expected a number of seconds, got {tname(raw)}")
+            return None
+        if not 0 < raw <= MAX_FOR_S:
+            self.error(loc, "for_s", f"{raw} is out of range (0 < for_s <= {MAX_FOR_S} seconds)")
+            return None
+        return float(raw)
 
     def _compile_excepts(self, raw: list[Any], kind: Kind, loc: Loc, key: str) -> list[ExceptEntry] | None:
         out: list[ExceptEntry] = []
@@ -653,6 +680,9 @@ class Loader:
                 value = self._enum(item.loc, key, d[key], enum)
                 if value is not None:
                     changes[key] = value
+        for_s = None
+        if "for_s" in d and build is not None:
+            for_s = self._for_s(item.loc, d["for_s"], build.on)
         extra: list[ExceptEntry] = []
         if "append_except" in d:
             raw = d["append_except"]
@@ -667,6 +697,8 @@ class Loader:
         if "action" in changes:
             build.action_origin = f"override #{item.index} in {item.loc.file}"
         build.excepts.extend(extra)
+        if for_s is not None:
+            build.for_s = for_s
 
     # ---- 5. kernel checks and warnings
 

@@ -137,6 +137,7 @@ class Rule:
     match: tuple["Cond", ...]
     excepts: tuple[tuple["Cond", ...], ...]
     file: str = field(default="", compare=False)
+    for_s: float | None = None  # gpu rules: the conditions must hold this long (tracer.policy.hold)
 
     def evaluate(self, subject: Any) -> dict[str, Any] | None:
         """The matched fields when the rule fires for `subject`, else None.

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .context import EvalContext, Subject, record_context
+from .hold import Holds
 from .kernel import KernelPlan, compile_plan
 from .model import Diagnostic, Kind, Rule, Scope, Verdict
 
@@ -42,12 +43,20 @@ class Policy:
             return tuple(r for r in self.rules if r.on.value == key)
         return self._enabled.get(key, ())
 
-    def evaluate(self, event: Mapping[str, Any], ctx: EvalContext | None = None) -> list[Verdict]:
+    def evaluate(
+        self, event: Mapping[str, Any], ctx: EvalContext | None = None, holds: Holds | None = None
+    ) -> list[Verdict]:
         """Verdicts of the enabled rules for event['type'] that match.
 
         Rules with scope "episodes" only see events whose `episode` is not
         None. Pure: `ctx` (default: facts carried by the record, see
         :func:`record_context`) is only asked for what a rule needs, once.
+
+        Rules with a duration (`for_s`) need the stream, not one record:
+        they are evaluated only when `holds` (the caller's state, see
+        tracer.policy.hold) is given, and fire once their conditions have
+        held for `for_s` seconds of samples; `matched` then carries
+        `held_s`.
         """
         rules = self._enabled.get(event.get("type"), ())  # type: ignore[arg-type]
         if not rules:
@@ -56,9 +65,17 @@ class Policy:
         in_episode = event.get("episode") is not None
         out: list[Verdict] = []
         for rule in rules:
-            if rule.scope is Scope.EPISODES and not in_episode:
+            if rule.for_s is not None and holds is None:
                 continue
-            matched = rule.evaluate(subject)
+            if rule.scope is Scope.EPISODES and not in_episode:
+                matched = None
+            else:
+                matched = rule.evaluate(subject)
+            if rule.for_s is not None:
+                held = holds.update(rule.name, rule.for_s, event, matched is not None)  # type: ignore[union-attr]
+                if held is None:
+                    continue
+                matched = {**matched, "held_s": round(held, 3)}  # type: ignore[dict-item]
             if matched is not None:
                 out.append(Verdict(rule.name, rule.severity, rule.action, matched, rule.description, rule.tags))
         return out

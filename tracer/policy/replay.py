@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator, Mapping
 
 from .context import record_context
+from .hold import Holds
 from .model import Kind
 from .policy import Policy
 
@@ -33,9 +34,11 @@ def alert_record(record: Mapping[str, Any], verdict: Any, policy_version: str) -
 
 def replay(records: Iterable[Mapping[str, Any]], policy: Policy) -> Iterator[dict[str, Any]]:
     """Alert dicts for the records, in order. Context (ancestors, sha256)
-    comes from the records themselves (see record_context)."""
+    comes from the records themselves (see record_context); durations
+    (`for_s`) are counted over the records' own timestamps."""
+    holds = Holds()
     for record in records:
         if record.get("type") not in _KINDS:
             continue
-        for verdict in policy.evaluate(record, record_context(record)):
+        for verdict in policy.evaluate(record, record_context(record), holds):
             yield alert_record(record, verdict, policy.version)

@@ -1,0 +1,203 @@
+"""The GPU watcher: NVML samples -> `gpu` records attributed to episodes.
+
+A background thread (started lazily, after the tracer is ready) reads one
+sample every `interval` seconds through tracer.gpu (every NVML call through
+its one helper). The tracer's loop thread calls :meth:`GpuWatcher.poll`,
+which turns the samples queued since into records:
+
+* `gpu_status`: when the watcher's status changes (`ok`, or why there is
+  nothing to watch: no nvidia-ml-py, no driver, no GPU, NVML errors);
+* `gpu_node`: one per sample, the node's GPUs (utilisation, memory, power);
+* `gpu`: one per (process, GPU) per sample, attributed to the process's
+  episode through the process table (and /proc for processes the table does
+  not hold), with `gpu_allowed` (tracer.gpu_allow) and `interval_s`; these
+  go through the policy like any other event;
+* `gpu_total`: per episode that used a GPU, its running totals (peak memory,
+  SM-seconds, MiB-seconds, processes), one per sample, and a final one
+  (`final: true`) when the episode ends.
+
+Attribution and totals run in the loop thread, so the process table is
+never read from two threads. An NVML call that hangs delays only the
+sampling thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .gpu import Sample, Sampler
+from .gpu_allow import GpuAllow
+from .proctable import Proc, read_proc
+
+log = logging.getLogger(__name__)
+DEFAULT_INTERVAL_S = 1.0
+QUEUE_MAX = 64  # samples waiting for the loop thread; older ones are dropped (counted)
+
+
+@dataclass
+class EpisodeGpu:
+    """Running GPU totals of one episode."""
+
+    peak_mib: float = 0.0  # highest sum of its processes' GPU memory in one sample
+    mib_s: float = 0.0  # integral of that sum over time
+    sm_s: float = 0.0  # SM-seconds: 100 % SM of one GPU for one second is 1
+    pids: set[int] = field(default_factory=set)
+    samples: int = 0
+    last_ts: float = 0.0
+
+    def record(self, episode: str, ts: float, final: bool = False) -> dict[str, Any]:
+        return {"type": "gpu_total", "ts": ts, "episode": episode, "peak_mib": round(self.peak_mib, 1),
+                "mib_s": round(self.mib_s, 1), "sm_s": round(self.sm_s, 2), "pids": sorted(self.pids),
+                "samples": self.samples, "final": final}
+
+
+class GpuWatcher:
+    def __init__(self, tracker: Any, interval: float = DEFAULT_INTERVAL_S, sampler: Sampler | None = None,
+                 allow: GpuAllow | None = None):
+        self.tracker = tracker
+        self.interval = interval
+        self.sampler = sampler or Sampler()
+        self.allow = allow or GpuAllow(tracker)
+        self.status: str | None = None
+        self.totals: dict[str, EpisodeGpu] = {}
+        self.dropped = 0
+        self.samples = 0
+        self._q: queue.Queue[Sample] = queue.Queue(QUEUE_MAX)
+        self._ended: list[tuple[str, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------- thread side
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gpu-watcher", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                s = self.sampler.sample()
+            except Exception as e:  # noqa: BLE001 - the watcher never takes the tracer down
+                log.warning("GPU sample failed: %s", e)
+                s = Sample(time.time(), f"sampling failed: {e}")
+            self._put(s)
+            if s.status != "ok" and s.status.startswith(("nvidia-ml-py", "NVML unavailable", "no GPU")):
+                return  # nothing to watch on this node: said once, then quiet
+            next_t += self.interval
+            self._stop.wait(max(0.0, next_t - time.monotonic()))
+            if time.monotonic() - next_t > 5 * self.interval:
+                next_t = time.monotonic()  # fell far behind (suspend, hung call): do not burst
+
+    def _put(self, s: Sample) -> None:
+        try:
+            self._q.put_nowait(s)
+        except queue.Full:
+            try:
+                self._q.get_nowait()
+                self.dropped += 1
+            except queue.Empty:
+                pass
+            self._q.put_nowait(s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------- loop side
+    def episode_ended(self, episode: str, ts: float) -> None:
+        """Called (loop thread) for an episode_end record; the final totals
+        come out of the next poll()."""
+        if episode in self.totals:
+            self._ended.append((episode, ts))
+
+    def poll(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            try:
+                s = self._q.get_nowait()
+            except queue.Empty:
+                break
+            out.extend(self.records_for(s))
+        for ep, ts in self._ended:
+            t = self.totals.pop(ep, None)
+            if t is not None:
+                out.append(t.record(ep, ts, final=True))
+        self._ended.clear()
+        return out
+
+    def records_for(self, s: Sample) -> list[dict[str, Any]]:
+        """Records of one sample (pure but for the process table and the
+        totals it updates)."""
+        self.samples += 1
+        out: list[dict[str, Any]] = []
+        if s.status != self.status:
+            self.status = s.status
+            out.append({"type": "gpu_status", "ts": s.ts, "episode": None, "status": s.status})
+        if s.status != "ok":
+            return out
+        out.append({"type": "gpu_node", "ts": s.ts, "episode": None, "gpus": [
+            {"index": d.index, "uuid": d.uuid, "name": d.name, "util": d.util, "mem_util": d.mem_util,
+             "mem_used_mib": d.mem_used_mib, "mem_total_mib": d.mem_total_mib, "power_w": d.power_w}
+            for d in s.devices]})
+        per_ep: dict[str, tuple[float, float]] = {}
+        procs: dict[int, tuple[Proc | None, str | None, str | None]] = {}
+        for ps in s.procs:
+            if ps.pid not in procs:
+                procs[ps.pid] = self._attribute(ps.pid)
+            p, ep, membership = procs[ps.pid]
+            rec: dict[str, Any] = {
+                "type": "gpu", "ts": s.ts, "episode": ep, "membership": membership, "pid": ps.pid,
+                "ppid": p.ppid if p else None, "exe": p.exe if p else None, "comm": p.comm if p else None,
+                "uid": p.uid if p else None, "argv": p.argv if p else None,
+                "gpu_index": ps.gpu_index, "gpu_uuid": ps.gpu_uuid, "used_mib": ps.used_mib,
+                "sm_util": ps.sm_util, "mem_util": ps.mem_util,
+                "gpu_allowed": self.allow.allowed_proc(p, ep) if p is not None else False,
+                "interval_s": self.interval,
+            }
+            out.append(rec)
+            if ep is not None:
+                mib, sm = per_ep.get(ep, (0.0, 0.0))
+                per_ep[ep] = (mib + (ps.used_mib or 0.0), sm + (ps.sm_util or 0.0))
+                self.totals.setdefault(ep, EpisodeGpu()).pids.add(ps.pid)
+        for ep, (mib, sm) in per_ep.items():
+            t = self.totals[ep]
+            dt = min(s.ts - t.last_ts, 2.5 * self.interval) if t.samples else self.interval
+            t.samples += 1
+            t.last_ts = s.ts
+            t.peak_mib = max(t.peak_mib, mib)
+            t.mib_s += mib * dt
+            t.sm_s += sm / 100.0 * dt
+            out.append(t.record(ep, s.ts))
+        return out
+
+    def _attribute(self, pid: int) -> tuple[Proc | None, str | None, str | None]:
+        """(process, episode, membership) of an NVML pid."""
+        tr = self.tracker
+        p = tr.table.get(pid) if tr is not None else None
+        if p is not None and p.exited is None:
+            return p, p.episode, p.membership
+        p = read_proc(pid)
+        if p is None or tr is None:
+            return p, None, None
+        # a process the table does not hold (outside episodes in the default
+        # scope): resolve it the way the tracker would, without keeping it
+        ep = tr.cgroups.episode_of(p.cgroup)
+        if ep is not None:
+            return p, ep, "cgroup"
+        if p.env_episode:
+            return p, p.env_episode, "env"
+        parent = tr.table.get(p.ppid) if p.ppid else None
+        if parent is not None and parent.episode and parent.exited is None:
+            return p, parent.episode, "lineage"
+        return p, None, None
