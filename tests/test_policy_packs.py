@@ -235,6 +235,7 @@ def test_ssh_config_fifo_is_not_read_and_counts(policy, tmp_path):
 
 def test_ssh_config_none_and_missing(policy, tmp_path):
     assert _rules(policy, _ssh(["ssh", "-F", "none", "host"], tmp_path)) == []
+    assert _rules(policy, _ssh(["ssh", "-F", "/dev/null", "host"], tmp_path)) == []
     assert _rules(policy, _ssh(["ssh", "-F", "nope", "host"], tmp_path)) == ["ssh-config-forward"]
     # -F of the remote command is not ssh's
     assert _rules(policy, _ssh(["ssh", "host", "ssh", "-F", "nope", "other"], tmp_path)) == []

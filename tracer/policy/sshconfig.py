@@ -18,7 +18,8 @@ case, then the rest of the line with runs of blanks made single spaces
 (`RemoteForward=2222 localhost:22` -> `"remoteforward 2222 localhost:22"`).
 Every line counts, whatever `Host`/`Match` block it is in.
 
-A file ssh would read that exists but cannot be judged (not a regular file,
+`/dev/null` (`ssh -F /dev/null`, a common way to ignore every config) is
+empty. A file ssh would read that exists but cannot be judged (not a regular file,
 e.g. a FIFO the agent writes into after the check; larger than 256 KiB;
 unreadable) and an `-F` file that does not exist give an entry
 `"#unreadable <path>: <why>"`, so a rule can refuse what it cannot see.
@@ -101,6 +102,8 @@ class _Reader:
             return
         try:
             st = os.fstat(fd)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
+                return  # /dev/null: `ssh -F /dev/null` reads no config at all
             if not stat.S_ISREG(st.st_mode):
                 self.out.append(f"#unreadable {path}: not a regular file")
                 return
