@@ -47,6 +47,7 @@ class EpisodeResult:
     killed_by_policy: bool
     alerts: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
+    gpu: dict[str, Any] | None = None  # latest gpu_total record of the episode
 
     @property
     def cli_exit_code(self) -> int:
@@ -70,6 +71,8 @@ class EpisodeResult:
             "counts": {"alerts": len(self.alerts), "by_rule": dict(rules),
                        "by_action": dict(actions), "enforced": dict(enforced)},
             "alerts": self.alerts,
+            "gpu": None if self.gpu is None else {k: self.gpu.get(k) for k in
+                                                  ("peak_mib", "mib_s", "sm_s", "pids", "samples")},
         }
 
 
@@ -77,13 +80,25 @@ def episode_cgroup(episode: str) -> Path:
     return cgroups.cgroup2_mount() / "agent-tracer" / check_episode_id(episode)
 
 
-def read_verdicts(episode: str, verdict_dir: Path = VERDICT_DIR) -> list[dict[str, Any]]:
+def _verdict_lines(episode: str, verdict_dir: Path) -> list[dict[str, Any]]:
     path = verdict_dir / f"{check_episode_id(episode)}.jsonl"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
     return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def read_verdicts(episode: str, verdict_dir: Path = VERDICT_DIR) -> list[dict[str, Any]]:
+    """The episode's alerts, in order."""
+    return [r for r in _verdict_lines(episode, verdict_dir) if r.get("type", "alert") == "alert"]
+
+
+def read_gpu_total(episode: str, verdict_dir: Path = VERDICT_DIR) -> dict[str, Any] | None:
+    """The episode's latest GPU totals (`gpu_total` record: peak_mib, mib_s,
+    sm_s, pids), None when it used no GPU the watcher saw."""
+    got = [r for r in _verdict_lines(episode, verdict_dir) if r.get("type") == "gpu_total"]
+    return got[-1] if got else None
 
 
 def _killed_by_policy(alerts: list[dict[str, Any]], root_pid: int, sig: int | None) -> bool:
@@ -99,11 +114,13 @@ def _killed_by_policy(alerts: list[dict[str, Any]], root_pid: int, sig: int | No
 
 def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                 cwd: str | None = None, verdict_dir: Path = VERDICT_DIR, keep_stragglers: bool = False,
-                verdict_file: Path | None = None, timeout: float | None = None) -> EpisodeResult:
+                verdict_file: Path | None = None, timeout: float | None = None,
+                gpu: bool = False) -> EpisodeResult:
     """Run argv as episode `episode` in its own cgroup and wait for it.
 
     When argv exits, processes it left behind in the cgroup are killed
-    (unless keep_stragglers) and the cgroup is removed."""
+    (unless keep_stragglers) and the cgroup is removed. gpu=True registers
+    argv's process as the episode's GPU process (docs/gpu.md)."""
     if not argv:
         raise EpisodeError("no command given")
     cg = episode_cgroup(episode)
@@ -120,9 +137,17 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     t0 = time.monotonic()
     procs_file = str(cg / "cgroup.procs")
 
+    if gpu:
+        from .gpu_allow import GPU_REG_DIR, register, unregister
+
+        unregister(episode)
+        GPU_REG_DIR.mkdir(parents=True, exist_ok=True)
+
     def enter_cgroup() -> None:  # runs in the child, before exec
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
+        if gpu:  # registered before the command runs an instruction
+            register(episode, os.getpid())
 
     proc = None
     try:
@@ -151,6 +176,8 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     finally:
         if not keep_stragglers or proc is None:
             cgroups.remove(cg)
+        if gpu:
+            unregister(episode)
     sig = -rc if rc < 0 else None
     code = rc if rc >= 0 else None
     # a kernel kill's alert lands just after the process dies: give it a moment
@@ -161,7 +188,7 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
             time.sleep(0.05)
             alerts = read_verdicts(episode, verdict_dir)
     res = EpisodeResult(episode, code, sig, _killed_by_policy(alerts, proc.pid, sig), alerts,
-                        time.monotonic() - t0)
+                        time.monotonic() - t0, read_gpu_total(episode, verdict_dir))
     if verdict_file is not None:
         Path(verdict_file).write_bytes(orjson.dumps(res.summary(), option=orjson.OPT_INDENT_2))
     return res

@@ -63,8 +63,10 @@ def main(verbose: int) -> None:
               help="Seconds a gated exec may wait for its verdict.")
 @click.option("--gate-default", type=click.Choice(["kill", "allow"]), default="kill", show_default=True,
               help="Verdict for a gated exec whose decision timed out.")
+@click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default) -> None:
+        gate_timeout, gate_default, gpu_interval) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -84,6 +86,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         log=log_path, scope_all=scope_all, monitor=monitor,
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
+        gpu_interval=gpu_interval,
     )
     rt = Runtime(opts)
     try:
@@ -121,8 +124,11 @@ def episode() -> None:
 @click.option("--keep-stragglers", is_flag=True,
               help="Leave processes the command left behind running (default: kill them).")
 @click.option("--timeout", type=float, default=None, help="Kill the episode after this many seconds.")
+@click.option("--gpu", is_flag=True,
+              help="Register COMMAND as the episode's GPU process: it and what it starts running the same "
+                   "program may use GPUs (docs/gpu.md).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def episode_run(episode_id, verdict_file, keep_stragglers, timeout, command) -> None:
+def episode_run(episode_id, verdict_file, keep_stragglers, timeout, gpu, command) -> None:
     """Run COMMAND as episode ID in its own cgroup and exit with its code.
 
     Exits 86 when policy killed the episode, 128+N when it died of signal N.
@@ -136,7 +142,7 @@ def episode_run(episode_id, verdict_file, keep_stragglers, timeout, command) -> 
 
     try:
         res = run_episode(episode_id, list(command), verdict_file=verdict_file,
-                          keep_stragglers=keep_stragglers, timeout=timeout)
+                          keep_stragglers=keep_stragglers, timeout=timeout, gpu=gpu)
     except (EpisodeError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except PermissionError as e:

@@ -63,9 +63,9 @@ class MemorySink:
 
 
 class VerdictSink:
-    """Appends each alert (and the episode's end) to <dir>/<episode>.jsonl so
-    `agent-tracer episode run` and the Python API can read an episode's
-    verdicts without parsing the main log."""
+    """Appends each alert (and the episode's GPU totals, `gpu_total`) to
+    <dir>/<episode>.jsonl so `agent-tracer episode run` and the Python API
+    can read an episode's verdicts without parsing the main log."""
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -73,7 +73,7 @@ class VerdictSink:
         os.chmod(self.dir, 0o755)
 
     def write(self, rec: dict[str, Any]) -> None:
-        if rec.get("type") != "alert" or not rec.get("episode"):
+        if rec.get("type") not in ("alert", "gpu_total") or not rec.get("episode"):
             return
         path = self.dir / f"{rec['episode']}.jsonl"
         with open(path, "ab") as f:

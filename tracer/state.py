@@ -25,6 +25,8 @@ Record kinds handled (besides every kernel event, which is counted):
 * ``gpu_node``        -> ``{"type": "gpu_node", "gpus": [...]}`` replaces the
   node's GPU list
 * ``gpu_status``      -> ``{"type": "gpu_status", "status": "ok" | reason}``
+* ``gpu_total``       -> per-episode GPU totals from the watcher (peak MiB,
+  SM-seconds, MiB-seconds), kept after the episode ends
 * ``lost``            -> lost event counters
 * ``stats``           -> ``lost_total`` is never shown below the pipeline's own
 * ``policy_reload``   -> ``policy_version``
@@ -58,7 +60,7 @@ _PRUNED_MEMORY = 1000        # ids of pruned episodes remembered, so late record
 # events_total / events_per_s.
 _META_KINDS = frozenset(
     {
-        "ready", "stats", "lost", "gpu", "gpu_node", "gpu_status", "alert",
+        "ready", "stats", "lost", "gpu", "gpu_node", "gpu_status", "gpu_total", "alert",
         "episode_start", "episode_end", "policy_reload",
     }
 )
@@ -68,7 +70,7 @@ class _Episode:
     __slots__ = (
         "id", "state", "pids", "execs", "connects", "alerts", "gpu",
         "started", "ended", "last_alert_ts", "last_event_ts", "source",
-        "exit_code", "end_reason",
+        "exit_code", "end_reason", "gpu_total",
     )
 
     def __init__(self, episode_id: str, ts: float, source: str | None = None) -> None:
@@ -87,6 +89,7 @@ class _Episode:
         self.source = source
         self.exit_code: int | None = None
         self.end_reason: str | None = None
+        self.gpu_total: dict[str, Any] | None = None  # latest gpu_total record's numbers
 
 
 def _num(value: Any) -> float | None:
@@ -143,6 +146,7 @@ class State:
             "gpu": self._on_gpu,
             "gpu_node": self._on_gpu_node,
             "gpu_status": self._on_gpu_status,
+            "gpu_total": self._on_gpu_total,
             "lost": self._on_lost,
             "stats": self._on_stats,
             "episode_start": self._on_episode_start,
@@ -337,6 +341,21 @@ class State:
             if status != "ok":
                 self.gpus = []
 
+    def _on_gpu_total(self, rec: dict[str, Any], ts: float) -> None:
+        ep_id = rec.get("episode")
+        if ep_id is None:
+            return
+        ep = self._episode(ep_id, ts)
+        if ep is None:
+            return
+        pids = rec.get("pids")
+        ep.gpu_total = {
+            "peak_mib": _num(rec.get("peak_mib")),
+            "sm_s": _num(rec.get("sm_s")),
+            "mib_s": _num(rec.get("mib_s")),
+            "pids": len(pids) if isinstance(pids, list) else None,
+        }
+
     def _on_lost(self, rec: dict[str, Any], ts: float) -> None:
         kind = str(rec.get("kind") or "unknown")
         total = rec.get("total")
@@ -505,6 +524,7 @@ class State:
                         "alerts": ep.alerts,
                         "gpu_mem_mib": gpu_mem,
                         "gpu_util": gpu_util,
+                        "gpu_total": dict(ep.gpu_total) if ep.gpu_total else None,
                         "started": ep.started,
                         "ended": ep.ended,
                         "last_alert_ts": ep.last_alert_ts,
