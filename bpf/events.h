@@ -25,6 +25,11 @@
 #define AT_MEMFD_NAME_LEN 64
 #define AT_OPEN_PATH_LEN 64
 #define AT_GPU_PREFIX_MAX 8
+/* first bytes captured on a new outbound TCP connection: a TLS ClientHello
+ * (SNI) of OpenSSL/Go/Python clients lies within the first ~300 bytes;
+ * browsers with randomised extension order and post-quantum key shares send
+ * up to ~1.8 KB, so 2 KB covers them too. One record per connection. */
+#define AT_WIRE_CAP 2048
 
 enum at_kind {
 	AT_EV_FORK = 1,
@@ -38,7 +43,8 @@ enum at_kind {
 	AT_EV_GPU_OPEN = 9,
 	AT_EV_DENY = 10,      /* a sock_addr program refused a connect/sendmsg */
 	AT_EV_GATE_RACE = 11, /* a gated process was continued by someone else */
-	AT_EV_KIND_MAX = 12,
+	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
+	AT_EV_KIND_MAX = 13,
 };
 
 /* exec_event.flags */
@@ -64,7 +70,8 @@ enum at_counter {
 	AT_CNT_GATE_RACE = 1,
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
-	AT_CNT_MAX = 4,
+	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
+	AT_CNT_MAX = 5,
 };
 
 /* config array indices (u64 values written by user space) */
@@ -85,7 +92,9 @@ enum at_config {
 	AT_CFG_EPISODE_ROOT = 13, /* cgroup id of <cgroup2>/agent-tracer */
 	AT_CFG_GATE_ALL_GLOBAL = 14, /* bit g: gate every exec on the node in generation g
 				       (but the tracer's own process tree) */
-	AT_CFG_MAX = 15,
+	AT_CFG_WIRE_HOLD = 15,   /* bit g: stop the writer after a candidate first write
+				    (SSH-, '{', TLS handshake) until user space rules */
+	AT_CFG_MAX = 16,
 };
 
 struct event_hdr {
@@ -176,6 +185,29 @@ struct gate_race_event {
 	struct event_hdr h;   /* the sender */
 	__u32 target;         /* gated pid that was continued */
 	__u32 sig;
+};
+
+/* wire_event.call: the syscall of the first write */
+#define AT_WIRE_WRITE 0
+#define AT_WIRE_SENDTO 1    /* also send(2) */
+#define AT_WIRE_SENDMSG 2   /* first iovec */
+#define AT_WIRE_WRITEV 3    /* first iovec */
+
+/* wire_event.flags */
+#define AT_WIRE_HELD (1u << 0)   /* the writer was stopped for a verdict (exec-gate map) */
+
+struct wire_event {
+	struct event_hdr h;
+	__s32 fd;
+	__u32 call;
+	__u64 len;        /* bytes the call was asked to write (first iovec) */
+	__u32 captured;   /* bytes in data */
+	__u32 flags;
+	__u16 family;     /* AF_INET / AF_INET6 of the connect */
+	__u16 port;       /* destination port, host order */
+	__u32 _pad;
+	__u8 addr[16];    /* destination (IPv4 in the first 4 bytes) */
+	__u8 data[AT_WIRE_CAP];
 };
 
 /* ---- keys of the policy maps (all carry the policy generation) ---- */

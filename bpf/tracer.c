@@ -15,6 +15,7 @@
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/un.h>
+#include <linux/uio.h>
 #include "events.h"
 
 #ifndef AT_SCOPE_ALL
@@ -68,6 +69,20 @@ struct exit_info {
 };
 BPF_HASH(exit_info, u32, struct exit_info, 65536);
 BPF_PERCPU_ARRAY(sock_scratch, struct bound_addr, 1);
+/* TCP sockets of in-scope processes, (tgid << 32 | fd) -> state: created by
+ * socket(), then connected outbound; the first write on a connected one is
+ * captured and the entry forgotten (close() forgets it too). Only in-scope
+ * processes ever have entries, so for the rest of the node a write costs one
+ * hash lookup that misses. */
+#define AT_WIRE_SOCKET 1
+#define AT_WIRE_CONNECTED 2
+struct wire_conn {
+	u32 state;
+	u16 family;
+	u16 port;
+	u8 addr[16];
+};
+BPF_TABLE("lru_hash", u64, struct wire_conn, wire_fds, 16384);
 
 /* enforcement maps, double-buffered by generation */
 BPF_HASH(kill_comms, struct comm_key, u8, 4096);   /* value: 1 episodes, 2 all */
@@ -556,6 +571,27 @@ static __always_inline void unstash_done(void)
 	sock_pending.delete(&tid);
 }
 
+/* a TCP socket of ours connected outbound: its first write will be captured */
+static __always_inline void wire_connected(struct sock_event *e)
+{
+	u64 key = ((u64)e->h.pid << 32) | (u32)e->fd;
+	struct wire_conn *wc = wire_fds.lookup(&key);
+	if (!wc || wc->state != AT_WIRE_SOCKET)
+		return;
+	u16 fam = e->addr[0] | (e->addr[1] << 8);
+	if (fam == AF_INET && e->addrlen >= 8) {
+		__builtin_memset(wc->addr, 0, 16);
+		__builtin_memcpy(wc->addr, &e->addr[4], 4);
+	} else if (fam == AF_INET6 && e->addrlen >= 24) {
+		__builtin_memcpy(wc->addr, &e->addr[8], 16);
+	} else {
+		return;
+	}
+	wc->family = fam;
+	wc->port = (e->addr[2] << 8) | e->addr[3];
+	wc->state = AT_WIRE_CONNECTED;
+}
+
 static __always_inline int emit_sock(u32 kind, long ret)
 {
 	struct sock_args *sa = unstash();
@@ -576,6 +612,8 @@ static __always_inline int emit_sock(u32 kind, long ret)
 	e->addrlen = len;
 	if (bpf_probe_read_user(e->addr, AT_SOCKADDR_LEN, (void *)sa->uaddr))
 		__builtin_memset(e->addr, 0, AT_SOCKADDR_LEN);
+	if (kind == AT_EV_CONNECT && (ret == 0 || ret == -115 /* EINPROGRESS */))
+		wire_connected(e);
 	if (kind == AT_EV_BIND && ret == 0) {
 		u64 key = ((u64)e->h.pid << 32) | (u32)sa->fd;
 		u32 zero = 0;
@@ -623,6 +661,12 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 		return 0;
 	s32 family = (s32)sa->uaddr, type = sa->a2, proto = sa->a3;
 	unstash_done();
+	if (args->ret >= 0 && (type & 0xf) == 1 /* SOCK_STREAM */ &&
+	    (family == AF_INET || family == AF_INET6) && (proto == 0 || proto == IPPROTO_TCP)) {
+		u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->ret;
+		struct wire_conn wc = {.state = AT_WIRE_SOCKET};
+		wire_fds.update(&key, &wc);
+	}
 	RESERVE(e, struct socket_event, AT_EV_SOCKET);
 	e->family = family;
 	e->type = type;
@@ -839,3 +883,118 @@ int at_connect4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, 0); }
 int at_connect6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, 0); }
 int at_sendmsg4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, 1); }
 int at_sendmsg6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, 1); }
+
+/* ------------------------------------------- first bytes on the wire */
+
+/* prefixes worth holding the writer for: "SSH-", '{' (JSON-RPC: Stratum),
+ * a TLS handshake record (SNI) */
+static __always_inline int wire_candidate(const u8 *d, u32 n)
+{
+	if (n >= 4 && d[0] == 'S' && d[1] == 'S' && d[2] == 'H' && d[3] == '-')
+		return 1;
+	if (n >= 1 && d[0] == '{')
+		return 1;
+	if (n >= 3 && d[0] == 0x16 && d[1] == 0x03)
+		return 1;
+	return 0;
+}
+
+static __always_inline int on_wire_write(s32 fd, const void *buf, u64 len, u32 call)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u64 key = (id & 0xffffffff00000000ULL) | (u32)fd;
+	/* the scope check: only in-scope processes have entries */
+	struct wire_conn *wc = wire_fds.lookup(&key);
+	if (!wc || wc->state != AT_WIRE_CONNECTED)
+		return 0;
+	u16 family = wc->family, port = wc->port;
+	u8 addr[16];
+	__builtin_memcpy(addr, wc->addr, 16);
+	wire_fds.delete(&key);
+	struct wire_event *e = events.ringbuf_reserve(sizeof(struct wire_event));
+	if (!e) {
+		count_lost(AT_EV_PROTOCOL);
+		return 0;
+	}
+	fill_hdr(&e->h, AT_EV_PROTOCOL);
+	e->fd = fd;
+	e->call = call;
+	e->len = len;
+	e->flags = 0;
+	e->family = family;
+	e->port = port;
+	e->_pad = 0;
+	__builtin_memcpy(e->addr, addr, 16);
+	u32 n = len > AT_WIRE_CAP ? AT_WIRE_CAP : (u32)len;
+	if (n && bpf_probe_read_user(e->data, n & (2 * AT_WIRE_CAP - 1), buf))
+		n = 0;
+	e->captured = n;
+	u32 gen = (u32)cfg(AT_CFG_GEN) & 1;
+	if ((cfg(AT_CFG_WIRE_HOLD) & (1ULL << gen)) && wire_candidate(e->data, n)) {
+		/* the write itself completes; the process stops before its next
+		 * instruction, so the peer gets nothing beyond these bytes until
+		 * user space has ruled (same map and guarantees as the exec gate) */
+		u32 tgid = id >> 32, held = 1;
+		gated.update(&tgid, &held);
+		bpf_send_signal(AT_SIGSTOP);
+		count(AT_CNT_WIRE_HELD);
+		e->flags |= AT_WIRE_HELD;
+	}
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* the head of struct msghdr as the sendmsg(2) ABI passes it (user space's
+ * layout, not a kernel-internal struct) */
+struct at_msghdr {
+	void *msg_name;
+	int msg_namelen;
+	const struct iovec *msg_iov;
+	u64 msg_iovlen;
+};
+
+/* the first iovec of writev / sendmsg */
+static __always_inline int on_wire_iov(s32 fd, const struct iovec *iov, u32 call)
+{
+	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)fd;
+	if (!wire_fds.lookup(&key))
+		return 0;
+	struct iovec v = {};
+	if (!iov || bpf_probe_read_user(&v, sizeof(v), iov))
+		return 0;
+	return on_wire_write(fd, v.iov_base, v.iov_len, call);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{
+	return on_wire_write(args->fd, args->buf, args->count, AT_WIRE_WRITE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+	return on_wire_write(args->fd, args->buff, args->len, AT_WIRE_SENDTO);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_writev)
+{
+	return on_wire_iov(args->fd, args->vec, AT_WIRE_WRITEV);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->fd;
+	if (!wire_fds.lookup(&key))
+		return 0;
+	struct at_msghdr m = {};
+	if (bpf_probe_read_user(&m, sizeof(m), (void *)args->msg))
+		return 0;
+	return on_wire_iov(args->fd, m.msg_iov, AT_WIRE_SENDMSG);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->fd;
+	if (wire_fds.lookup(&key))
+		wire_fds.delete(&key);
+	return 0;
+}

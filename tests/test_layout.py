@@ -57,6 +57,11 @@ def test_constants_match_events_h():
     assert int(defines["AT_EPISODE_LEN"]) == events.EPISODE_LEN
     assert int(defines["AT_SOCKADDR_LEN"]) == events.SOCKADDR_LEN
     assert int(defines["AT_GPU_PREFIX_MAX"]) == events.GPU_PREFIX_MAX
+    assert int(defines["AT_WIRE_CAP"]) == events.WIRE_CAP
+    calls = {int(v): k for k, v in re.findall(r"#define AT_WIRE_(WRITE|SENDTO|SENDMSG|WRITEV) (\d+)", text)}
+    assert {i: n.lower() for i, n in calls.items()} == events.WIRE_CALLS
+    wflags = dict(re.findall(r"#define (AT_WIRE_\w+) \(1u << (\d+)\)", text))
+    assert 1 << int(wflags["AT_WIRE_HELD"]) == events.WIRE_HELD
     flags = dict(re.findall(r"#define (AT_EXEC_\w+) \(1u << (\d+)\)", text))
     assert 1 << int(flags["AT_EXEC_ARGV_TRUNCATED"]) == events.EXEC_ARGV_TRUNCATED
     assert 1 << int(flags["AT_EXEC_ENV_MARKER"]) == events.EXEC_ENV_MARKER

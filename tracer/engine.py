@@ -147,6 +147,13 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) ->
     return km
 
 
+def wire_hold(policy) -> bool:
+    """Hold the writer of a candidate first write (SSH-, '{', TLS) until
+    user space rules: only when some enabled protocol rule enforces."""
+    return any(getattr(r.on, "value", r.on) == "protocol" and r.enabled and r.action.enforces
+               for r in policy.rules)
+
+
 # ------------------------------------------------------------------ context
 class LiveContext:
     """What rules may ask beyond the record: ancestry and executable hash."""
@@ -207,7 +214,7 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "description": verdict.description,
         "policy_version": policy_version,
     }
-    for k in ("addr", "port", "family", "path", "protocol", "sni", "call"):
+    for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset"):
         if rec.get(k) is not None:
             a[k] = rec[k]
     if outcome.detail:
@@ -271,6 +278,7 @@ class Engine:
                 km = build_kernel_maps(_EmptyPlan(), {}, canary=True)
         else:
             km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary)
+            km.wire_hold = wire_hold(self.policy)
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
@@ -300,7 +308,8 @@ class Engine:
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
             already = t == "exec" and bool(rec.get("killed_in_kernel"))
-            if t == "exec" and action == "freeze-episode" and rec.get("gated"):
+            held = (t == "exec" and rec.get("gated")) or (t == "protocol" and rec.get("held"))
+            if action == "freeze-episode" and held:
                 outcome = self.enforcer.apply(action, rec)
                 self._continue(rec["pid"])
             else:
@@ -312,6 +321,8 @@ class Engine:
         if t == "exec" and rec.get("gated") and not rec.get("killed_in_kernel"):
             if not enforcing_verdict:
                 self._continue(rec["pid"])
+        elif t == "protocol" and rec.get("held") and not enforcing_verdict:
+            self._continue(rec["pid"])
         return out
 
     def _continue(self, pid: int) -> None:

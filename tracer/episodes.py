@@ -25,7 +25,8 @@ from .proctable import Proc, ProcessTable
 
 EPISODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 KERNEL_TYPES = frozenset(
-    {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race"}
+    {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
+     "protocol"}
 )
 
 

@@ -27,13 +27,14 @@ class Kind(enum.IntEnum):
     GPU_OPEN = 9
     DENY = 10
     GATE_RACE = 11
+    PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
 
     @property
     def record_type(self) -> str:
         return self.name.lower()
 
 
-KIND_MAX = 12
+KIND_MAX = 13
 
 # exec_event.flags
 EXEC_ARGV_TRUNCATED = 1 << 0
@@ -56,9 +57,10 @@ class Counter(enum.IntEnum):
     GATE_RACE = 1
     EXEC_KILLED = 2
     DENIED = 3
+    WIRE_HELD = 4
 
 
-COUNTER_MAX = 4
+COUNTER_MAX = 5
 
 
 class Config(enum.IntEnum):
@@ -77,9 +79,10 @@ class Config(enum.IntEnum):
     EXC_ANYPORT1 = 12
     EPISODE_ROOT = 13
     GATE_ALL_GLOBAL = 14
+    WIRE_HOLD = 15
 
 
-CONFIG_MAX = 15
+CONFIG_MAX = 16
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -91,6 +94,11 @@ SOCKADDR_LEN = 112
 MEMFD_NAME_LEN = 64
 OPEN_PATH_LEN = 64
 GPU_PREFIX_MAX = 8
+WIRE_CAP = 2048
+
+# wire_event.call / flags
+WIRE_CALLS = {0: "write", 1: "sendto", 2: "sendmsg", 3: "writev"}
+WIRE_HELD = 1 << 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,22 @@ LAYOUTS: dict[Kind, Layout] = {
         ),
     ),
     Kind.GATE_RACE: Layout("gate_race_event", HDR_FIELDS + (("target", "I"), ("sig", "I"))),
+    Kind.PROTOCOL: Layout(
+        "wire_event",
+        HDR_FIELDS
+        + (
+            ("fd", "i"),
+            ("call", "I"),
+            ("len", "Q"),
+            ("captured", "I"),
+            ("flags", "I"),
+            ("family", "H"),
+            ("port", "H"),
+            ("_pad", "I"),
+            ("addr", "16s"),
+            ("data", f"{WIRE_CAP}s"),
+        ),
+    ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
 
@@ -327,6 +351,28 @@ def _gate_race(v: tuple) -> dict[str, Any]:
     return r
 
 
+def _protocol(v: tuple) -> dict[str, Any]:
+    from .protocols import escape, identify
+
+    r = _hdr(Kind.PROTOCOL, v)
+    fd, call, length, captured, flags, fam, port, _pad, raw, data = v[7:17]
+    data = data[:captured]
+    w = identify(data)
+    r["fd"] = fd
+    r["call"] = WIRE_CALLS.get(call, str(call))
+    r["len"] = length
+    r["captured"] = len(data)
+    r["held"] = bool(flags & WIRE_HELD)
+    r["family"] = FAMILY_NAMES.get(fam, str(fam))
+    r["addr"] = str(ipaddress.IPv4Address(raw[:4])) if fam == socket.AF_INET else str(ipaddress.IPv6Address(raw))
+    r["port"] = port
+    r["protocol"] = w.protocol
+    r["sni"] = w.sni
+    r["matched_bytes"] = escape(w.matched)
+    r["matched_offset"] = w.offset
+    return r
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -339,6 +385,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.GPU_OPEN: (_STRUCTS[Kind.GPU_OPEN], _open),
     Kind.DENY: (_STRUCTS[Kind.DENY], _deny),
     Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
+    Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
 }
 
 

@@ -268,7 +268,7 @@ class Probes:
             t = self.bpf[name]
             for k in [k for k in t.keys() if (k.value >> 16) == gen]:
                 del t[k]
-        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL):
+        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
             self._set_cfg(Config(base + gen), 0)
@@ -285,6 +285,8 @@ class Probes:
             self._set_cfg(Config.GATE_ALL, self.get_cfg(Config.GATE_ALL) | (1 << gen))
         if plan.gate_all_global:
             self._set_cfg(Config.GATE_ALL_GLOBAL, self.get_cfg(Config.GATE_ALL_GLOBAL) | (1 << gen))
+        if plan.wire_hold:
+            self._set_cfg(Config.WIRE_HOLD, self.get_cfg(Config.WIRE_HOLD) | (1 << gen))
         for name, entries in (("deny4", plan.deny4), ("deny6", plan.deny6), ("exc4", plan.exc4), ("exc6", plan.exc6)):
             t = self.bpf[name]
             for net, mask in entries.items():
@@ -323,6 +325,7 @@ class KernelMaps:
     gate_comms: dict[str, int] = field(default_factory=dict)
     gate_all: bool = False
     gate_all_global: bool = False  # every exec on the node (but the tracer's own tree)
+    wire_hold: bool = False  # stop the writer after a candidate first write until user space rules
     deny4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     deny6: dict[ipaddress.IPv6Network, int] = field(default_factory=dict)
     exc4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
