@@ -6,7 +6,7 @@ watcher, attribution, policy, durations) is the real code.
 A recording is {"gpus": [{"uuid", "name", "mem_total_mib"}], "steps": [step...]};
 a step is {"t": seconds, "gpus": {index: {"util", "mem_util", "mem_used_mib",
 "power_w"}}, "procs": [{"pid" | "pid_of", "gpu", "used_mib", "sm", "mem"}],
-"errors": {"fn": "ErrorName"}}. "pid_of" names a pid the test fills in
+"errors": {"fn": "ErrorName"}, "repeat": n}. "pid_of" names a pid the test fills in
 (a real process it started). A step's errors make those NVML functions
 raise (an NVMLError, like the real library).
 """
@@ -30,7 +30,10 @@ class FakeNvml:
                  init_error: str | None = None):
         if isinstance(recording, str):
             recording = json.loads((DATA / recording).read_text())
-        self.rec = recording
+        steps = []
+        for st in recording["steps"]:  # {"repeat": n, ...}: the same sample n times
+            steps.extend([st] * st.get("repeat", 1))
+        self.rec = {**recording, "steps": steps}
         self.pids = pids or {}
         self.init_error = init_error
         self.step_i = 0
