@@ -250,6 +250,9 @@ def _mount_subcommands() -> None:
 
     main.add_command(policy_group, "policy")
     main.add_command(top_command, "top")
+    from .bench import bench_command
+
+    main.add_command(bench_command, "bench")
 
 
 _mount_subcommands()
