@@ -304,13 +304,12 @@ if __name__ == "__main__":
 
 
 def protocol_detection_landed() -> bool:
-    """Whether the tracer emits first-bytes `protocol` records (issue 4 part
-    A). Tests that only those records can pass skip until it lands."""
-    import re
-
-    root = HERE.parent.parent / "tracer"
-    pat = re.compile(r"""["']type["']\s*[:=,]\s*["']protocol["']|type\s*=\s*["']protocol["']""")
-    for f in root.glob("*.py"):
-        if pat.search(f.read_text(errors="replace")):
-            return True
-    return False
+    """Whether the tracer decodes first-bytes `protocol` records from the
+    kernel (issue 4 part A). Tests that only those records can pass skip
+    until it lands."""
+    try:
+        from tracer import events
+    except ImportError:
+        return False
+    kind = getattr(getattr(events, "Kind", None), "PROTOCOL", None)
+    return kind is not None and kind in getattr(events, "_DECODERS", {})

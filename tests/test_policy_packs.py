@@ -256,3 +256,13 @@ def test_ssh_without_F_reads_the_user_config(policy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pwd, "getpwuid", fake)
     assert _rules(policy, _ssh(["ssh", "host"], tmp_path)) == ["ssh-config-forward"]
+
+
+def test_docs_site_file_turns_the_allowlist_on(tmp_path):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text()
+    block = doc.split("# /etc/agent-tracer/90-site.toml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "90-site.toml").write_text(block)
+    res = load_policy([POLICY_DIR, tmp_path / "90-site.toml"])
+    assert not res.errors, [str(e) for e in res.errors]
+    assert res.policy.rule("egress-allowlist").enabled
+    assert "egress-allowlist" in {d.name for d in res.policy.kernel_plan().deny}
