@@ -147,3 +147,22 @@ def test_watcher_attributes_and_kills_within_the_duration(live_tracer, standin, 
         for th, _ in threads:
             th.join(timeout=10)
         gpu.use_backend(None)
+
+
+def test_real_nvml_status_and_the_tracer_runs_on(live_tracer, episode_id):
+    """Whatever this node has: one gpu_status record says it (here: no NVML,
+    so why GPU watching is off), and tracing goes on."""
+    from at_testlib import _has_gpu
+
+    gpu.use_backend(None)
+    t = live_tracer().start()
+    st = t.wait(timeout=10, type="gpu_status")
+    assert len(st) == 1
+    if _has_gpu():
+        assert st[0]["status"] == "ok"
+    else:
+        assert st[0]["status"].startswith(("NVML unavailable (", "nvidia-ml-py is not installed", "no GPU")), st
+        wait_for(lambda: not t.rt.gpu.running, timeout=5)
+        assert not t.rt.gpu.running
+    run_in_episode(episode_id, ["/bin/true"])
+    assert t.wait(type="exec", episode=episode_id)
