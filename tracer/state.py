@@ -194,7 +194,10 @@ class State:
             self._buckets[sec] = self._buckets.get(sec, 0) + 1
 
     def _episode(self, ep_id: Any, ts: float) -> _Episode | None:
-        """The episode record `ep_id`, created on first sight; touches its activity time."""
+        """The episode record `ep_id`, created on first sight; touches its
+        activity time. None for a record without an episode (or a pruned one)."""
+        if ep_id is None:
+            return None
         ep = self._episodes.get(ep_id)
         if ep is None:
             if not isinstance(ep_id, str):
@@ -248,47 +251,33 @@ class State:
             self.policy_version = str(value)
 
     def _on_fork(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is not None:
             self._join(ep, rec.get("pid"))
             self._join(ep, rec.get("child_pid"))
 
     def _on_exec(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is not None:
             ep.execs += 1
             self._join(ep, rec.get("pid"))
 
     def _on_exit(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is not None:
-            self._episode(ep_id, ts)
+        self._episode(rec.get("episode"), ts)
         pid = rec.get("pid")
         tid = rec.get("tid")
         if tid is None or tid == pid:    # the process ended, not just one of its threads
             self._leave(pid)
 
     def _on_connect(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is not None:
             ep.connects += 1
 
     def _on_alert(self, rec: dict[str, Any], ts: float) -> None:
         self._alerts.append(dict(rec))
         self._alerts_total += 1
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is None:
             return
         ep.alerts += 1
@@ -342,10 +331,7 @@ class State:
                 self.gpus = []
 
     def _on_gpu_total(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is None:
             return
         pids = rec.get("pids")
@@ -397,10 +383,7 @@ class State:
         self._join(ep, rec.get("root_pid"))
 
     def _on_episode_end(self, rec: dict[str, Any], ts: float) -> None:
-        ep_id = rec.get("episode")
-        if ep_id is None:
-            return
-        ep = self._episode(ep_id, ts)
+        ep = self._episode(rec.get("episode"), ts)
         if ep is None:
             return
         reason = rec.get("reason")

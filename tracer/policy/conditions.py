@@ -675,21 +675,28 @@ def parse_port(v: Any) -> tuple[int, int] | str:
     return f"expected a port (integer) or a port range (string), got {tname(v)}"
 
 
-def _compile_port(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:
+def _parse_each(ops: dict[Op, tuple[Any, str]], env: Env, parse: Callable[[Any], Any]) -> list[Any] | None:
+    """Each item of the `in` operand through `parse` (a value, or an error
+    message str reported at the item's key); None when any item is bad."""
     raw, key = ops[Op.IN]
     its = items(raw, key, env)
     if its is None:
         return None
-    ranges: list[tuple[int, int]] = []
+    out: list[Any] = []
     ok = True
     for it in its:
-        r = parse_port(it.value)
+        r = parse(it.value)
         if isinstance(r, str):
             env.error(it.key, it.msg(r))
             ok = False
         else:
-            ranges.append(r)
-    return PortCond(ranges=tuple(sorted(set(ranges))), **base) if ok else None
+            out.append(r)
+    return out if ok else None
+
+
+def _compile_port(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:
+    ranges = _parse_each(ops, env, parse_port)
+    return None if ranges is None else PortCond(ranges=tuple(sorted(set(ranges))), **base)
 
 
 def parse_cidr(v: Any) -> IPNetwork | str:
@@ -706,20 +713,8 @@ def parse_cidr(v: Any) -> IPNetwork | str:
 
 
 def _compile_cidr(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:
-    raw, key = ops[Op.IN]
-    its = items(raw, key, env)
-    if its is None:
-        return None
-    nets: list[IPNetwork] = []
-    ok = True
-    for it in its:
-        r = parse_cidr(it.value)
-        if isinstance(r, str):
-            env.error(it.key, it.msg(r))
-            ok = False
-        else:
-            nets.append(r)
-    return CidrCond(nets=tuple(dict.fromkeys(nets)), **base) if ok else None
+    nets = _parse_each(ops, env, parse_cidr)
+    return None if nets is None else CidrCond(nets=tuple(dict.fromkeys(nets)), **base)
 
 
 def _compile_enum(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:
