@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Protocol
 from . import events
 from .episodes import Tracker
 
+_decode = events.decode
+
 log = logging.getLogger(__name__)
 
 
@@ -48,14 +50,31 @@ class Pipeline:
 
     # live ------------------------------------------------------------------
     def feed_raw(self, buf: bytes) -> None:
+        # the per-event hot path (one call per ring-buffer record): names are
+        # bound locally and the common case (tracker returns just the record)
+        # skips the generic loops; see docs/benchmarks.md for the profile
         try:
-            rec = events.decode(buf)
+            rec = _decode(buf)
         except events.DecodeError as e:
             self.decode_errors += 1
             log.warning("dropping undecodable record: %s", e)
             return
         rec["ts"] = rec["ktime"] / 1e9 + self.offset
-        self.handle(rec)
+        out = self.tracker.observe(rec)
+        engine = self.engine
+        if len(out) == 1 and out[0] is rec:
+            self._emit_kernel(rec)
+            if engine is not None:
+                extra = engine.process(rec)
+                if extra:
+                    for x in extra:
+                        self.emit(x)
+            return
+        for r in out:
+            self.emit(r)
+            if engine is not None:
+                for x in engine.process(r):
+                    self.emit(x)
 
     # both ------------------------------------------------------------------
     def handle(self, rec: dict[str, Any]) -> None:
@@ -66,10 +85,18 @@ class Pipeline:
                     self.emit(extra)
 
     def emit(self, rec: dict[str, Any]) -> None:
-        rec.setdefault("ts", time.time())
-        rec.setdefault("episode", None)
+        if "ts" not in rec:
+            rec["ts"] = time.time()
+        if "episode" not in rec:
+            rec["episode"] = None
+        self._emit_kernel(rec)
+
+    def _emit_kernel(self, rec: dict[str, Any]) -> None:
+        """emit() for a record that has its ts and episode already."""
         self.count += 1
-        self.by_kind[rec["type"]] += 1
+        by_kind = self.by_kind
+        t = rec["type"]
+        by_kind[t] = by_kind.get(t, 0) + 1
         for s in self.sinks:
             s.write(rec)
         for o in self.observers:

@@ -11,12 +11,22 @@ import orjson
 _OPTS = orjson.OPT_SERIALIZE_NUMPY if hasattr(orjson, "OPT_SERIALIZE_NUMPY") else 0
 
 
+_NL = orjson.OPT_APPEND_NEWLINE
+
+
 def dumps(rec: dict[str, Any]) -> bytes:
-    return orjson.dumps(rec, default=str) + b"\n"
+    return orjson.dumps(rec, default=str, option=_NL)
+
+
+# records a reader waits for: written through at once
+_FLUSH_NOW = frozenset({"alert", "ready", "lost", "episode_end"})
 
 
 class JsonlSink:
-    """One JSON object per line. `-` is standard output."""
+    """One JSON object per line. `-` is standard output.
+
+    Flushed every `flush_every` records and at once for alerts, ready, lost
+    and episode_end records, so a reader never waits for those."""
 
     def __init__(self, target: str | Path, flush_every: int = 256):
         self.target = str(target)
@@ -29,12 +39,15 @@ class JsonlSink:
             self._own = True
         self._n = 0
         self._flush_every = flush_every
+        self._write = self._f.write
 
     def write(self, rec: dict[str, Any]) -> None:
-        self._f.write(dumps(rec))
+        # hot path: one orjson call (newline included) and one buffered write
+        self._write(orjson.dumps(rec, default=str, option=_NL))
         self._n += 1
-        if self._n % self._flush_every == 0 or rec.get("type") in ("alert", "ready", "lost", "episode_end"):
-            self._f.flush()
+        if self._n >= self._flush_every or rec["type"] in _FLUSH_NOW:
+            self._n = 0
+            self.flush()
 
     def flush(self) -> None:
         try:
