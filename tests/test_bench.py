@@ -307,3 +307,15 @@ def test_cli_help_lists_examples_and_choices():
     bad = CliRunner().invoke(main, ["bench", "--only", "nope"])
     assert bad.exit_code == 2
     assert "'nope' is not one of 'overhead', 'throughput', 'latency', 'resources'" in bad.output
+
+
+def test_per_event_functions_drop_one_off_setup():
+    prof = {"events": 1000, "functions": [
+        {"function": "time.sleep", "calls": 3, "tottime_s": 9.0, "us_per_event": 9000},
+        {"function": "__init__.py:1708(ring_buffer_poll)", "calls": 20, "tottime_s": 2.0, "us_per_event": 2000},
+        {"function": "episodes.py:207(observe)", "calls": 1000, "tottime_s": 3.0, "us_per_event": 3000},
+        {"function": "events.py:217(cstr)", "calls": 600, "tottime_s": 0.5, "us_per_event": 500},
+        {"function": "events.py:1(rare)", "calls": 10, "tottime_s": 0.1, "us_per_event": 100},
+    ]}
+    assert [f["function"] for f in bench.per_event_functions(prof)] == [
+        "episodes.py:207(observe)", "__init__.py:1708(ring_buffer_poll)", "events.py:217(cstr)"]
