@@ -1245,16 +1245,23 @@ class Bench:
         produced, secs = out.split()
         produced = int(produced)
         end = time.monotonic()
+        # CPU over the time the producer ran (a lossy step's wait below
+        # would dilute it)
+        cpu1, w1 = t.cpu_s(), end
         caught = None
         deadline = end + max(10.0, seconds * 2)
         rss = t.rss_mb()
+        last = -1
         while time.monotonic() < deadline:
             n = rd.stats_count
-            if rd.kind_count("socket") - c0 >= produced:
+            got = rd.kind_count("socket") - c0
+            if got >= produced:
                 caught = time.monotonic() - end
                 break
+            if got == last and rd.lost_total > l0:
+                break  # lost events never arrive: no catching up to wait for
+            last = got
             rd.wait_stats(n, timeout=2.0)
-        cpu1, w1 = t.cpu_s(), time.monotonic()
         rd.wait_stats()  # lost counters are read at the tick: one more tick
         step = RampStep(target=rate, produced=produced, seconds=float(secs),
                         drained=rd.kind_count("socket") - c0, lost=rd.lost_total - l0,
