@@ -16,6 +16,7 @@
 #include <linux/in6.h>
 #include <linux/un.h>
 #include <linux/uio.h>
+#include <asm/unistd.h>
 #include "events.h"
 
 #ifndef AT_SCOPE_ALL
@@ -502,21 +503,6 @@ TRACEPOINT_PROBE(signal, signal_generate)
 	return 0;
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_enter)
-{
-	/* only does work after a SIGCONT race was seen (sticky, one array read
-	 * otherwise): the continued process is stopped again at its first syscall */
-	if (!cfg(AT_CFG_RACE_ARMED))
-		return 0;
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	u32 *g = gated.lookup(&tgid);
-	if (!g || *g != 2)
-		return 0;
-	u32 held = 1;
-	gated.update(&tgid, &held);
-	bpf_send_signal(AT_SIGSTOP);
-	return 0;
-}
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -956,45 +942,56 @@ struct at_msghdr {
 /* the first iovec of writev / sendmsg */
 static __always_inline int on_wire_iov(s32 fd, const struct iovec *iov, u32 call)
 {
-	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)fd;
-	if (!wire_fds.lookup(&key))
-		return 0;
 	struct iovec v = {};
 	if (!iov || bpf_probe_read_user(&v, sizeof(v), iov))
 		return 0;
 	return on_wire_write(fd, v.iov_base, v.iov_len, call);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write)
+/* The write paths are dispatched from raw_syscalls:sys_enter (below), which
+ * the tracer attaches anyway: one tracepoint for every syscall instead of
+ * five more. A write outside every episode costs a few compares and one
+ * hash lookup that misses. */
+static __always_inline int wire_syscall(long nr, const unsigned long *a)
 {
-	return on_wire_write(args->fd, args->buf, args->count, AT_WIRE_WRITE);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
-{
-	return on_wire_write(args->fd, args->buff, args->len, AT_WIRE_SENDTO);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_writev)
-{
-	return on_wire_iov(args->fd, args->vec, AT_WIRE_WRITEV);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
-{
-	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->fd;
+	if (nr != __NR_write && nr != __NR_sendto && nr != __NR_writev && nr != __NR_sendmsg &&
+	    nr != __NR_close)
+		return 0;
+	s32 fd = (s32)a[0];
+	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)fd;
+	/* the scope check: only in-scope processes have entries */
 	if (!wire_fds.lookup(&key))
 		return 0;
-	struct at_msghdr m = {};
-	if (bpf_probe_read_user(&m, sizeof(m), (void *)args->msg))
+	if (nr == __NR_close) {
+		wire_fds.delete(&key);
 		return 0;
-	return on_wire_iov(args->fd, m.msg_iov, AT_WIRE_SENDMSG);
+	}
+	if (nr == __NR_write)
+		return on_wire_write(fd, (const void *)a[1], a[2], AT_WIRE_WRITE);
+	if (nr == __NR_sendto)
+		return on_wire_write(fd, (const void *)a[1], a[2], AT_WIRE_SENDTO);
+	if (nr == __NR_writev)
+		return on_wire_iov(fd, (const struct iovec *)a[1], AT_WIRE_WRITEV);
+	struct at_msghdr m = {};
+	if (bpf_probe_read_user(&m, sizeof(m), (void *)a[1]))
+		return 0;
+	return on_wire_iov(fd, m.msg_iov, AT_WIRE_SENDMSG);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
-	u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->fd;
-	if (wire_fds.lookup(&key))
-		wire_fds.delete(&key);
+	unsigned long a[3] = {args->args[0], args->args[1], args->args[2]};
+	wire_syscall(args->id, a);
+	/* only does work after a SIGCONT race was seen (sticky, one array read
+	 * otherwise): the continued process is stopped again at its first syscall */
+	if (!cfg(AT_CFG_RACE_ARMED))
+		return 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	u32 *g = gated.lookup(&tgid);
+	if (!g || *g != 2)
+		return 0;
+	u32 held = 1;
+	gated.update(&tgid, &held);
+	bpf_send_signal(AT_SIGSTOP);
 	return 0;
 }
