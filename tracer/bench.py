@@ -364,7 +364,7 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[A
                              summarize(cpu).get("median") if cpu else None])
             out.append((f"Overhead: {wl} ({w.get('description', '')})",
                         ["configuration", "median s", "spread %", "ratio", "ratio min..max", "overhead %",
-                         "tracer CPU s"], rows))
+                         "tool CPU s"], rows))
         missing = ov.get("missing") or {}
         if missing:
             out.append(("Overhead: comparisons not measured", ["tool", "why"],
