@@ -62,7 +62,7 @@ def main(verbose: int) -> None:
 @click.option("--gate-timeout", default=2.0, show_default=True, type=click.FloatRange(0.05, 60),
               help="Seconds a gated exec may wait for its verdict.")
 @click.option("--gate-default", type=click.Choice(["kill", "allow"]), default="kill", show_default=True,
-              help="Verdict for a gated exec whose decision timed out.")
+              help="Verdict for an episode's gated exec whose decision timed out (outside episodes: always allow).")
 @click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,

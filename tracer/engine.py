@@ -375,7 +375,10 @@ class Engine:
                 continue
             self.gate_timeouts += 1
             del self._gate_seen[pid]
-            if self.gate_default == "allow" or self.monitor:
+            p = self.tracker.table.get(pid)
+            # outside episodes (a scope = "all" gate) a late verdict never
+            # kills: a slow tracer must not take the node's own processes down
+            if self.gate_default == "allow" or self.monitor or p is None or not p.episode:
                 self._continue(pid)
                 verdict = "allowed"
             else:
@@ -385,7 +388,6 @@ class Engine:
                 except ProcessLookupError:
                     pass
                 verdict = "killed"
-            p = self.tracker.table.get(pid)
             out.append({"type": "gate_timeout", "ts": time.time(), "pid": pid,
                         "episode": p.episode if p else None, "exe": p.exe if p else None,
                         "verdict": verdict, "timeout_s": self.gate_timeout})

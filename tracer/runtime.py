@@ -125,7 +125,7 @@ class Runtime:
         self.gpu.start()
 
     def _gpu_observe(self, rec: dict[str, Any]) -> None:
-        if rec["type"] == "episode_end" and rec.get("episode"):
+        if rec["type"] == "episode_end" and rec.get("episode") and self.gpu is not None:
             self.gpu.episode_ended(rec["episode"], rec.get("ts") or time.time())
 
     def poll_gpu(self) -> None:
@@ -250,6 +250,14 @@ class Runtime:
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
+        # the final drain first: its episode_end records reach the GPU
+        # watcher, whose last records (totals) then go out before the sinks close
+        if self.probes is not None:
+            try:
+                self.probes.consume()
+                self.tick()
+            except Exception as e:  # pragma: no cover
+                log.warning("final drain: %s", e)
         if self.gpu is not None:
             self.gpu.stop()
             if self.pipeline is not None:
@@ -258,12 +266,6 @@ class Runtime:
                 except Exception as e:  # pragma: no cover
                     log.warning("final GPU records: %s", e)
             self.gpu = None
-        if self.probes is not None:
-            try:
-                self.probes.consume()
-                self.tick()
-            except Exception as e:  # pragma: no cover
-                log.warning("final drain: %s", e)
         if self.pipeline is not None and self.pipeline.engine is not None:
             self.pipeline.engine.close()
         if self.probes is not None:
