@@ -30,6 +30,7 @@
  * browsers with randomised extension order and post-quantum key shares send
  * up to ~1.8 KB, so 2 KB covers them too. One record per connection. */
 #define AT_WIRE_CAP 2048
+#define AT_CGROUP_PATH_LEN 256 /* cgroup path below the cgroup2 root */
 
 enum at_kind {
 	AT_EV_FORK = 1,
@@ -44,7 +45,9 @@ enum at_kind {
 	AT_EV_DENY = 10,      /* a sock_addr program refused a connect/sendmsg */
 	AT_EV_GATE_RACE = 11, /* a gated process was continued by someone else */
 	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
-	AT_EV_KIND_MAX = 13,
+	AT_EV_CGROUP_MKDIR = 13, /* a cgroup2 directory was made (level >= 2): names
+				    an episode cgroup before anything runs in it */
+	AT_EV_KIND_MAX = 14,
 };
 
 /* exec_event.flags */
@@ -185,6 +188,14 @@ struct gate_race_event {
 	struct event_hdr h;   /* the sender */
 	__u32 target;         /* gated pid that was continued */
 	__u32 sig;
+};
+
+struct cgroup_event {
+	struct event_hdr h;   /* the process that made the directory */
+	__u64 id;             /* cgroup id (the directory's inode) */
+	__s32 level;          /* depth below the cgroup2 root */
+	__u32 _pad;
+	char path[AT_CGROUP_PATH_LEN]; /* e.g. /agent-tracer/<ID>[/sub] */
 };
 
 /* wire_event.call: the syscall of the first write */

@@ -504,6 +504,24 @@ TRACEPOINT_PROBE(signal, signal_generate)
 }
 
 
+/* A new episode cgroup (<cgroup2>/agent-tracer/<ID>) is named here, in the
+ * ring buffer ahead of anything that runs in it: even a process killed at its
+ * first exec, in a cgroup removed before user space could scan for it, is
+ * attributed to its episode. Only the cgroup2 hierarchy (root 0) and below
+ * its top level: cgroups are made rarely, user space matches the prefix. */
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+	if (args->root != 0 || args->level < 2)
+		return 0;
+	RESERVE(e, struct cgroup_event, AT_EV_CGROUP_MKDIR);
+	e->id = args->id;
+	e->level = args->level;
+	e->_pad = 0;
+	TP_DATA_LOC_READ_STR(e->path, path, AT_CGROUP_PATH_LEN);
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();

@@ -248,3 +248,32 @@ def test_close_detaches_everything(live_tracer):
     assert ours() > before
     t.stop()
     assert ours() == before
+
+
+def test_episode_named_by_cgroup_mkdir_before_its_cgroup_is_gone(live_tracer, episode_id, tmp_path):
+    """A process killed in the kernel at its first exec, in an episode cgroup
+    removed before user space reads anything: the cgroup_mkdir record named
+    the episode first, so the exec and its alert still carry the episode
+    (a directory scan alone would find nothing)."""
+    name = f"atk{uuid.uuid4().hex[:8]}"
+    pol = tmp_path / "pol"
+    pol.mkdir()
+    (pol / "k.toml").write_text(
+        f'[[rule]]\nname = "kill-by-name"\nseverity = "high"\non = "exec"\naction = "kill"\n'
+        f'match = {{ basename = "{name}" }}\n')
+    exe = tmp_path / name
+    exe.write_bytes(open("/bin/true", "rb").read())
+    exe.chmod(0o755)
+    t = live_tracer(policy=True, policy_dirs=[pol], monitor=False).start(loop=False)  # nothing is read yet
+    res = run_in_episode(episode_id, [str(exe)])
+    assert res.signal == signal.SIGKILL
+    from tracer import cgroups
+
+    assert not (cgroups.cgroup2_mount() / "agent-tracer" / episode_id).exists()
+    t.rt.drain()
+    starts = t.find(type="episode_start", episode=episode_id)
+    assert starts and starts[0]["source"] == "cgroup"
+    ex = t.find(type="exec", pid=lambda p: p is not None, filename=str(exe))
+    assert ex and ex[0]["episode"] == episode_id and ex[0]["killed_in_kernel"] is True
+    a = t.find(type="alert", rule="kill-by-name")
+    assert a and a[0]["episode"] == episode_id and a[0]["enforced"] is True

@@ -58,6 +58,7 @@ def test_constants_match_events_h():
     assert int(defines["AT_SOCKADDR_LEN"]) == events.SOCKADDR_LEN
     assert int(defines["AT_GPU_PREFIX_MAX"]) == events.GPU_PREFIX_MAX
     assert int(defines["AT_WIRE_CAP"]) == events.WIRE_CAP
+    assert int(defines["AT_CGROUP_PATH_LEN"]) == events.CGROUP_PATH_LEN
     calls = {int(v): k for k, v in re.findall(r"#define AT_WIRE_(WRITE|SENDTO|SENDMSG|WRITEV) (\d+)", text)}
     assert {i: n.lower() for i, n in calls.items()} == events.WIRE_CALLS
     wflags = dict(re.findall(r"#define (AT_WIRE_\w+) \(1u << (\d+)\)", text))

@@ -60,6 +60,32 @@ class CgroupRegistry:
         self.paths: dict[str, Path] = {}
         self._last_scan = 0.0
         self._unknown: set[int] = set()
+        # the root as the kernel's cgroup_mkdir tracepoint names it (its path
+        # below the cgroup2 mount), e.g. "/agent-tracer/"
+        self.kernel_prefix: str | None = None
+        if root is not None:
+            try:
+                from .cgroups import cgroup2_mount
+
+                self.kernel_prefix = "/" + str(root.relative_to(cgroup2_mount())).strip("/") + "/"
+            except (ValueError, OSError):
+                self.kernel_prefix = None
+
+    def made(self, cg: int, path: str) -> tuple[str, Path] | None:
+        """A cgroup_mkdir record: (episode, episode dir) when `path` is an
+        episode cgroup or one below it; registers its id at once, so a
+        process that runs and dies there before the next scan is still
+        attributed (the scan would find the directory gone)."""
+        pre = self.kernel_prefix
+        if pre is None or self.root is None or not path.startswith(pre):
+            return None
+        ep = path[len(pre):].split("/", 1)[0]
+        if not ep or ep.startswith(".") or not EPISODE_ID_RE.match(ep):
+            return None
+        self.by_cgroup[cg] = ep
+        self._unknown.discard(cg)
+        self.paths.setdefault(ep, self.root / ep)
+        return ep, self.root / ep
 
     def scan(self) -> tuple[list[tuple[str, Path, set[int]]], list[str]]:
         """Rescan; returns (added (id, path, cgroup ids), removed ids)."""
@@ -208,6 +234,8 @@ class Tracker:
         """Enrich rec in place; return the records to emit, rec included,
         with any episode_start/episode_end around it."""
         t = rec.get("type")
+        if t == "cgroup_mkdir":
+            return self._cgroup_made(rec)
         if t not in KERNEL_TYPES:
             if t == "episode_start" and rec.get("episode"):
                 self._start(rec["episode"], rec.get("source", "cgroup"), rec.get("ts", 0.0),
@@ -295,6 +323,19 @@ class Tracker:
                     if r:
                         out.append(r)
         return out
+
+    def _cgroup_made(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """Not a record of its own: a new episode cgroup starts its episode."""
+        got = self.cgroups.made(rec["cgroup_id"], rec.get("path") or "")
+        if got is None:
+            return []
+        ep, path = got
+        e = self.episodes.get(ep)
+        if e is not None and not e.ended:
+            e.cgroup_ids.add(rec["cgroup_id"])
+            return []
+        r = self._start(ep, "cgroup", rec.get("ts", time.time()), str(path), None, {rec["cgroup_id"]})
+        return [r] if r else []
 
     def reap(self) -> None:
         self.table.reap(time.monotonic())

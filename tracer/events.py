@@ -28,13 +28,14 @@ class Kind(enum.IntEnum):
     DENY = 10
     GATE_RACE = 11
     PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
+    CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
 
     @property
     def record_type(self) -> str:
         return self.name.lower()
 
 
-KIND_MAX = 13
+KIND_MAX = 14
 
 # exec_event.flags
 EXEC_ARGV_TRUNCATED = 1 << 0
@@ -95,6 +96,7 @@ MEMFD_NAME_LEN = 64
 OPEN_PATH_LEN = 64
 GPU_PREFIX_MAX = 8
 WIRE_CAP = 2048
+CGROUP_PATH_LEN = 256
 
 # wire_event.call / flags
 WIRE_CALLS = {0: "write", 1: "sendto", 2: "sendmsg", 3: "writev"}
@@ -192,6 +194,9 @@ LAYOUTS: dict[Kind, Layout] = {
             ("addr", "16s"),
             ("data", f"{WIRE_CAP}s"),
         ),
+    ),
+    Kind.CGROUP_MKDIR: Layout(
+        "cgroup_event", HDR_FIELDS + (("id", "Q"), ("level", "i"), ("_pad", "I"), ("path", f"{CGROUP_PATH_LEN}s"))
     ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
@@ -373,6 +378,12 @@ def _protocol(v: tuple) -> dict[str, Any]:
     return r
 
 
+def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
+    r = _hdr(Kind.CGROUP_MKDIR, v)
+    r["cgroup_id"], r["level"], r["path"] = v[7], v[8], cstr(v[10])
+    return r
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -386,6 +397,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.DENY: (_STRUCTS[Kind.DENY], _deny),
     Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
+    Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
 }
 
 
