@@ -37,6 +37,14 @@ class ProbeError(RuntimeError):
     pass
 
 
+def _malloc_trim() -> None:
+    """Return free heap pages to the kernel (glibc); a no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
+
+
 def ensure_tracefs() -> None:
     if Path("/sys/kernel/tracing/events").exists() or Path("/sys/kernel/debug/tracing/events").exists():
         return
@@ -92,6 +100,7 @@ class Probes:
         except Exception as e:
             raise ProbeError(f"compiling/loading bpf/tracer.c failed: {e}") from e
         self.compile_s = time.monotonic() - t0
+        _malloc_trim()  # give back the compiler's heap (about 37 MB stays mapped otherwise)
         self.programs: list[str] = sorted(
             p.decode() if isinstance(p, bytes) else str(p) for p in self.bpf.tracepoint_fnname_map()
         ) if hasattr(self.bpf, "tracepoint_fnname_map") else []
