@@ -90,7 +90,13 @@ class CgroupRegistry:
     def scan(self) -> tuple[list[tuple[str, Path, set[int]]], list[str]]:
         """Rescan; returns (added (id, path, cgroup ids), removed ids)."""
         self._last_scan = time.monotonic()
-        self._unknown.clear()
+        # ids that stay unknown after this scan are not episode cgroups (a
+        # cgroup id is never reused and a new cgroup below the episode root
+        # is named by its cgroup_mkdir record): they do not rescan again, or
+        # every record from outside the episodes (scope = "all", env/lineage
+        # members) would walk the episode root
+        if len(self._unknown) > 65536:
+            self._unknown.clear()
         if self.root is None or not self.root.exists():
             return [], []
         found: dict[str, tuple[Path, set[int]]] = {}
@@ -117,6 +123,7 @@ class CgroupRegistry:
             self.paths[ep] = path
             for i in ids:
                 self.by_cgroup[i] = ep
+                self._unknown.discard(i)
         for ep in list(self.paths):
             if ep not in found:
                 removed.append(ep)
@@ -129,9 +136,9 @@ class CgroupRegistry:
         return None if cg is None else self.by_cgroup.get(cg)
 
     def first_miss(self, cg: int | None) -> bool:
-        """True the first time an unknown cgroup id is seen since the last
-        scan: the caller rescans (a new episode cgroup appears this way
-        before the periodic scan finds it)."""
+        """True the first time an unknown cgroup id is seen: the caller
+        rescans (a new episode cgroup appears this way before the periodic
+        scan finds it); an id the rescan does not find stays unknown."""
         if cg is None or cg in self.by_cgroup or cg in self._unknown or self.root is None:
             return False
         self._unknown.add(cg)
