@@ -220,30 +220,41 @@ SOCK_TYPE_NAMES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 
 
 
 def cstr(b: bytes) -> str:
-    i = b.find(b"\0")
-    return (b if i < 0 else b[:i]).decode("utf-8", "replace")
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+_COMMS: dict[bytes, str] = {}
+
+
+def _comm(raw: bytes) -> str:
+    """cstr of a header's comm, cached: a node runs few distinct comms."""
+    c = _COMMS.get(raw)
+    if c is None:
+        if len(_COMMS) >= 4096:
+            _COMMS.clear()
+        c = _COMMS[raw] = cstr(raw)
+    return c
+
+
+_AF_INET, _AF_INET6, _AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
+_ntop = socket.inet_ntop
 
 
 def parse_sockaddr(raw: bytes, addrlen: int) -> dict[str, Any]:
     """Decode a uapi struct sockaddr (as the process passed it)."""
     if addrlen < 2:
         return {"family": None, "addr": None, "port": None, "path": None}
-    fam = int.from_bytes(raw[0:2], "little")
-    if fam == socket.AF_INET and addrlen >= 8:
-        return {
-            "family": "inet",
-            "addr": str(ipaddress.IPv4Address(raw[4:8])),
-            "port": int.from_bytes(raw[2:4], "big"),
-            "path": None,
-        }
-    if fam == socket.AF_INET6 and addrlen >= 24:
+    fam = raw[0] | (raw[1] << 8)
+    if fam == _AF_INET and addrlen >= 8:
+        return {"family": "inet", "addr": _ntop(_AF_INET, raw[4:8]), "port": (raw[2] << 8) | raw[3], "path": None}
+    if fam == _AF_INET6 and addrlen >= 24:
         return {
             "family": "inet6",
             "addr": str(ipaddress.IPv6Address(raw[8:24])),
-            "port": int.from_bytes(raw[2:4], "big"),
+            "port": (raw[2] << 8) | raw[3],
             "path": None,
         }
-    if fam == socket.AF_UNIX:
+    if fam == _AF_UNIX:
         body = raw[2 : max(2, min(addrlen, len(raw)))]
         if body[:1] == b"\0":  # abstract socket
             path = "@" + body[1:].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -253,135 +264,111 @@ def parse_sockaddr(raw: bytes, addrlen: int) -> dict[str, Any]:
     return {"family": FAMILY_NAMES.get(fam, str(fam)), "addr": None, "port": None, "path": None}
 
 
-def _hdr(kind: Kind, v: tuple) -> dict[str, Any]:
-    return {
-        "type": kind.record_type,
-        "ktime": v[0],
-        "cgroup": v[1],
-        "pid": v[3],
-        "tid": v[4],
-        "uid": v[5],
-        "comm": cstr(v[6]),
-    }
+# Each decoder builds the final record dict in one literal from the tuple of
+# one unpack_from: header fields v[0..6] (v[2] is the kind), then the kind's
+# own fields in LAYOUTS order. The type strings are constants (no
+# Kind.record_type per record).
 
 
 def _fork(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.FORK, v)
-    r["child_pid"] = v[7]
-    return r
+    return {"type": "fork", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "child_pid": v[7]}
 
 
 def _exec(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.EXEC, v)
+    r = {"type": "exec", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5], "comm": _comm(v[6])}
     flags, argc, args_len = v[7], v[8], v[9]
     raw = v[13][:args_len]
     argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:argc]]
     if flags & EXEC_NO_ARGV:
         r["argv_from_proc"] = True  # the tracker reads /proc/<pid>/cmdline
-    r.update(
-        old_pid=v[10],
-        filename=cstr(v[11]),
-        argv=argv,
-        argv_truncated=bool(flags & EXEC_ARGV_TRUNCATED),
-        env_episode=cstr(v[12]) if flags & EXEC_ENV_MARKER else None,
-        killed_in_kernel=bool(flags & EXEC_KILLED),
-        gated=bool(flags & EXEC_GATED),
-    )
+    r["old_pid"] = v[10]
+    r["filename"] = cstr(v[11])
+    r["argv"] = argv
+    r["argv_truncated"] = bool(flags & EXEC_ARGV_TRUNCATED)
+    r["env_episode"] = cstr(v[12]) if flags & EXEC_ENV_MARKER else None
+    r["killed_in_kernel"] = bool(flags & EXEC_KILLED)
+    r["gated"] = bool(flags & EXEC_GATED)
     return r
 
 
 def _exit(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.EXIT, v)
-    r["code"] = v[7] if v[7] >= 0 else None
-    r["signal"] = v[8] or None
-    return r
+    return {"type": "exit", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "code": v[7] if v[7] >= 0 else None, "signal": v[8] or None}
 
 
 def _sock(kind: Kind) -> Callable[[tuple], dict[str, Any]]:
+    type_name = kind.record_type
+
     def dec(v: tuple) -> dict[str, Any]:
-        r = _hdr(kind, v)
-        r["fd"] = v[7]
-        r["result"] = v[8]
+        r = {"type": type_name, "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+             "comm": _comm(v[6]), "fd": v[7], "result": v[8]}
         r.update(parse_sockaddr(v[11], v[9]))
         return r
 
     return dec
 
 
+_family_name = FAMILY_NAMES.get
+_sock_type_name = SOCK_TYPE_NAMES.get
+
+
 def _socket(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.SOCKET, v)
-    r["family"] = FAMILY_NAMES.get(v[7], str(v[7]))
     t = v[8] & 0xF  # drop SOCK_NONBLOCK / SOCK_CLOEXEC
-    r["sock_type"] = SOCK_TYPE_NAMES.get(t, str(t))
-    r["protocol"] = v[9]
-    r["result"] = v[10]
-    return r
+    return {"type": "socket", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "family": _family_name(v[7]) or str(v[7]),
+            "sock_type": _sock_type_name(t) or str(t), "protocol": v[9], "result": v[10]}
 
 
 def _listen(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.LISTEN, v)
-    r["fd"], r["backlog"], r["result"] = v[7], v[8], v[9]
+    r = {"type": "listen", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+         "comm": _comm(v[6]), "fd": v[7], "backlog": v[8], "result": v[9]}
     r.update(parse_sockaddr(v[11], v[10]))
     return r
 
 
 def _memfd(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.MEMFD, v)
-    r["flags"], r["result"], r["name"] = v[7], v[8], cstr(v[9])
-    return r
+    return {"type": "memfd", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "flags": v[7], "result": v[8], "name": cstr(v[9])}
 
 
 def _open(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.GPU_OPEN, v)
-    r["flags"], r["result"], r["path"] = v[7], v[8], cstr(v[9])
-    return r
+    return {"type": "gpu_open", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "flags": v[7], "result": v[8], "path": cstr(v[9])}
 
 
 def _deny(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.DENY, v)
     fam = v[8]
     raw = v[12]
-    r["rules_mask"] = v[7]
-    r["family"] = FAMILY_NAMES.get(fam, str(fam))
-    r["addr"] = str(ipaddress.IPv4Address(raw[:4])) if fam == socket.AF_INET else str(ipaddress.IPv6Address(raw))
-    r["protocol"] = "tcp" if v[9] == socket.IPPROTO_TCP else "udp" if v[9] == socket.IPPROTO_UDP else str(v[9])
-    r["port"] = v[10]
-    r["call"] = "sendmsg" if v[11] else "connect"
-    return r
+    return {"type": "deny", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "rules_mask": v[7], "family": FAMILY_NAMES.get(fam, str(fam)),
+            "addr": _ntop(_AF_INET, raw[:4]) if fam == _AF_INET else str(ipaddress.IPv6Address(raw)),
+            "protocol": "tcp" if v[9] == socket.IPPROTO_TCP else "udp" if v[9] == socket.IPPROTO_UDP else str(v[9]),
+            "port": v[10], "call": "sendmsg" if v[11] else "connect"}
 
 
 def _gate_race(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.GATE_RACE, v)
-    r["target"], r["sig"] = v[7], v[8]
-    return r
+    return {"type": "gate_race", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "target": v[7], "sig": v[8]}
 
 
 def _protocol(v: tuple) -> dict[str, Any]:
     from .protocols import escape, identify
 
-    r = _hdr(Kind.PROTOCOL, v)
     fd, call, length, captured, flags, fam, port, _pad, raw, data = v[7:17]
     data = data[:captured]
     w = identify(data)
-    r["fd"] = fd
-    r["call"] = WIRE_CALLS.get(call, str(call))
-    r["len"] = length
-    r["captured"] = len(data)
-    r["held"] = bool(flags & WIRE_HELD)
-    r["family"] = FAMILY_NAMES.get(fam, str(fam))
-    r["addr"] = str(ipaddress.IPv4Address(raw[:4])) if fam == socket.AF_INET else str(ipaddress.IPv6Address(raw))
-    r["port"] = port
-    r["protocol"] = w.protocol
-    r["sni"] = w.sni
-    r["matched_bytes"] = escape(w.matched)
-    r["matched_offset"] = w.offset
-    return r
+    return {"type": "protocol", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "fd": fd, "call": WIRE_CALLS.get(call, str(call)), "len": length,
+            "captured": len(data), "held": bool(flags & WIRE_HELD), "family": FAMILY_NAMES.get(fam, str(fam)),
+            "addr": _ntop(_AF_INET, raw[:4]) if fam == _AF_INET else str(ipaddress.IPv6Address(raw)),
+            "port": port, "protocol": w.protocol, "sni": w.sni, "matched_bytes": escape(w.matched),
+            "matched_offset": w.offset}
 
 
 def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
-    r = _hdr(Kind.CGROUP_MKDIR, v)
-    r["cgroup_id"], r["level"], r["path"] = v[7], v[8], cstr(v[10])
-    return r
+    return {"type": "cgroup_mkdir", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "cgroup_id": v[7], "level": v[8], "path": cstr(v[10])}
 
 
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
@@ -399,6 +386,13 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
 }
+# by plain int as well: the kind read from a record is an int, and an int key
+# hashes the same but compares faster than through IntEnum
+_BY_KIND: dict[int, tuple[Callable[..., tuple], Callable[[tuple], dict[str, Any]], int]] = {
+    int(k): (st.unpack_from, fn, st.size) for k, (st, fn) in _DECODERS.items()
+}
+_kind_at = _KIND_AT.unpack_from
+_struct_error = struct.error
 
 
 class DecodeError(ValueError):
@@ -407,16 +401,21 @@ class DecodeError(ValueError):
 
 def decode(buf: bytes | memoryview) -> dict[str, Any]:
     """Decode one ring-buffer record into a record dict (no episode yet)."""
+    try:
+        unpack, fn, _size = _BY_KIND[_kind_at(buf, _KIND_OFFSET)[0]]
+        v = unpack(buf)
+    except (KeyError, _struct_error):
+        pass
+    else:
+        return fn(v)
+    # the slow path says what is wrong
     if len(buf) < _KIND_OFFSET + 4:
         raise DecodeError(f"record of {len(buf)} bytes is shorter than its header")
     (kind,) = _KIND_AT.unpack_from(buf, _KIND_OFFSET)
-    try:
-        st, fn = _DECODERS[kind]
-    except KeyError:
+    got = _BY_KIND.get(kind)
+    if got is None:
         raise DecodeError(f"unknown event kind {kind}") from None
-    if len(buf) < st.size:
-        raise DecodeError(f"{Kind(kind).record_type} record of {len(buf)} bytes, expected {st.size}")
-    return fn(st.unpack_from(buf))
+    raise DecodeError(f"{Kind(kind).record_type} record of {len(buf)} bytes, expected {got[2]}")
 
 
 def pack_gpu_prefix(prefix: str) -> bytes:
