@@ -74,7 +74,7 @@ def episode_level(root: Path | None = None) -> int:
 
 
 class Probes:
-    def __init__(self, cfg: ProbeConfig, on_record: Callable[[bytes], None]):
+    def __init__(self, cfg: ProbeConfig, on_record: Callable[[memoryview], None]):
         ensure_tracefs()
         try:
             from bcc import BPF, BPFAttachType  # noqa: WPS433 (the one bcc import)
@@ -113,21 +113,44 @@ class Probes:
         for i, prefix in enumerate(cfg.gpu_prefixes[: events.GPU_PREFIX_MAX]):
             self._set_gpu_prefix(i, prefix)
         self._rb_cb = self._make_callback(on_record)
-        self.bpf["events"].open_ring_buffer(self._rb_cb)
+        self._open_ring_buffer(self.bpf["events"], self._rb_cb)
         if cfg.attach_sock_addr:
             self._attach_sock_addr(BPFAttachType)
         self.attach_s = time.monotonic() - t0
 
     # ---------------------------------------------------------------- setup
     @staticmethod
-    def _make_callback(on_record: Callable[[bytes], None]):
-        string_at = ctypes.string_at
+    def _make_callback(on_record: Callable[[memoryview], None]):
+        """The ring-buffer callback: on_record gets a memoryview of the
+        record in the ring buffer itself (no copy). It is valid only during
+        the call: decode copies what it keeps."""
+        arrays: dict[int, type] = {}  # c_char * size, per record size (a few kinds)
 
         def cb(_ctx, data, size):
-            on_record(string_at(data, size))
+            t = arrays.get(size)
+            if t is None:
+                t = arrays[size] = ctypes.c_char * size
+            on_record(memoryview(t.from_address(data)))
             return 0
 
         return cb
+
+    def _open_ring_buffer(self, table, cb) -> None:
+        """table.open_ring_buffer(cb) without bcc's Python wrapper around
+        every call (one frame per event less); falls back to it when this
+        bcc's internals differ."""
+        try:
+            from bcc.libbcc import _RINGBUF_CB_TYPE  # noqa: WPS433
+
+            fn = _RINGBUF_CB_TYPE(cb)
+            opener, map_fd, cbs = self.bpf._open_ring_buffer, table.map_fd, table._cbs
+        except (ImportError, AttributeError) as e:  # pragma: no cover - other bcc versions
+            log.debug("bcc ring buffer internals differ (%s): using open_ring_buffer", e)
+            table.open_ring_buffer(cb)
+            return
+        opener(map_fd, fn, None)
+        cbs[0] = fn  # keep the C callback alive as long as the table
+        self._rb_fn = fn
 
     def _attach_sock_addr(self, attach_types) -> None:
         BPF = self._BPF
