@@ -29,6 +29,10 @@ KERNEL_TYPES = frozenset(
      "protocol"}
 )
 
+# kinds that neither create, change nor end a process (listen is not here: it
+# may read the socket's local address from /proc)
+_FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol"})
+
 
 def check_episode_id(ep: str) -> str:
     if not EPISODE_ID_RE.match(ep):
@@ -250,6 +254,10 @@ class Tracker:
             elif t == "episode_end" and rec.get("episode"):
                 self._end(rec["episode"], rec.get("ts", 0.0), rec.get("reason", "exited"))
             return [rec]
+        if t in _FAST_TYPES and self.live and not self.pending:
+            fast = self._observe_settled(rec, t)
+            if fast is not None:
+                return fast
         now = rec.get("ts", now if now is not None else time.time())
         out: list[dict[str, Any]] = []
         pid = rec["pid"]
@@ -330,6 +338,56 @@ class Tracker:
                     if r:
                         out.append(r)
         return out
+
+    def _observe_settled(self, rec: dict[str, Any], t: str) -> list[dict[str, Any]] | None:
+        """observe() of a socket-like record from a known process whose
+        cgroup is unchanged and whose membership `_resolve` would leave as
+        it is (and whose episode is running): the same enrichment without
+        the general path. None when any of that does not hold."""
+        p = self.table.procs.get(rec["pid"])
+        if p is None:
+            return None
+        cg = rec.get("cgroup")
+        if cg is None or cg != p.cgroup:
+            return None
+        ep, mem = p.episode, p.membership
+        reg = self.cgroups
+        cep = reg.by_cgroup.get(cg)
+        if cep is not None:
+            if mem != "cgroup" or cep != ep:
+                return None
+        elif cg not in reg._unknown and reg.root is not None:
+            return None  # a first miss: the general path rescans
+        elif p.env_episode:
+            if mem != "env" or ep != p.env_episode:
+                return None
+        elif mem == "lineage" and ep:
+            pass
+        elif ep is None and mem is None:
+            parent = self.table.procs.get(p.ppid) if p.ppid else None
+            if parent is not None and parent.episode:
+                return None
+        else:
+            return None
+        if ep is not None:
+            e = self.episodes.get(ep)
+            if e is None or e.ended:
+                return None
+        comm = rec.get("comm")
+        if comm:
+            p.comm = comm
+        rec["episode"] = ep
+        rec["membership"] = mem
+        rec["ppid"] = p.ppid
+        rec.setdefault("exe", p.exe)
+        if t == "socket":
+            if (rec.get("result") or -1) >= 0:
+                if len(p.sock_types) > 4096:
+                    p.sock_types.clear()
+                p.sock_types[rec["result"]] = rec.get("sock_type")
+        elif (t == "connect" or t == "bind") and "sock_type" not in rec and rec.get("fd") in p.sock_types:
+            rec["sock_type"] = p.sock_types[rec["fd"]]
+        return [rec]
 
     def _cgroup_made(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
         """Not a record of its own: a new episode cgroup starts its episode."""
