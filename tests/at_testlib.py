@@ -90,6 +90,12 @@ class LiveTracer:
     def wait(self, timeout: float = 5.0, n: int = 1, **kw) -> list[dict[str, Any]]:
         return wait_for(lambda: (lambda f: f if len(f) >= n else None)(self.find(**kw)), timeout) or self.find(**kw)
 
+    def expect_alert(self, episode: str, rule: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The first `rule` alert of `episode`; fails listing the alerts seen."""
+        a = self.wait(type="alert", episode=episode, rule=rule, timeout=timeout)
+        assert a, f"no {rule} alert for {episode}; alerts: {[(x['rule'], x['episode']) for x in self.find(type='alert')]}"
+        return a[0]
+
 
 def run_in_episode(ep: str, argv: list[str], **kw):
     from tracer.api import run_episode

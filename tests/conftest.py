@@ -44,6 +44,19 @@ def live_tracer():
             pass
 
 
+@pytest.fixture(scope="module")
+def packs_tracer():
+    """A tracer enforcing the default packs (policies/), shared by a module's tests."""
+    from at_testlib import LiveTracer
+    from tracer.paths import POLICY_DIR
+
+    t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR], monitor=False).start()
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
 @pytest.fixture
 def episode_id():
     """A unique episode id; its cgroup is removed after the test."""

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from at_testlib import LiveTracer, run_in_episode, wait_for
+from at_testlib import run_in_episode, wait_for
 from nethost import NetHost, protocol_detection_landed
-from tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 
@@ -28,12 +27,8 @@ def ext(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tracer(ext):
-    t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR], monitor=False).start()
-    try:
-        yield t
-    finally:
-        t.stop()
+def tracer(ext, packs_tracer):  # the outside host first, then the tracer
+    return packs_tracer
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +38,7 @@ def miner(ext):
 
 
 def alert(t, ep, rule, timeout=5.0):
-    a = t.wait(type="alert", episode=ep, rule=rule, timeout=timeout)
-    assert a, f"no {rule} alert for {ep}; alerts: {[(x['rule'], x['episode']) for x in t.find(type='alert')]}"
-    return a[0]
+    return t.expect_alert(ep, rule, timeout)
 
 
 def connects(ext, port, local=None):

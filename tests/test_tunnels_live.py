@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from at_testlib import LiveTracer, have, run_in_episode
+from at_testlib import have, run_in_episode
 from nethost import NetHost, protocol_detection_landed
-from tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -34,18 +33,12 @@ def ext(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tracer(ext):
-    t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR], monitor=False).start()
-    try:
-        yield t
-    finally:
-        t.stop()
+def tracer(ext, packs_tracer):  # the outside host first, then the tracer
+    return packs_tracer
 
 
 def alert(t, ep, rule, timeout=5.0):
-    a = t.wait(type="alert", episode=ep, rule=rule, timeout=timeout)
-    assert a, f"no {rule} alert for {ep}; alerts: {[(x['rule'], x['episode']) for x in t.find(type='alert')]}"
-    return a[0]
+    return t.expect_alert(ep, rule, timeout)
 
 
 def assert_stopped(a, action):
