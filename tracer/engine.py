@@ -375,10 +375,11 @@ class Engine:
                 continue
             self.gate_timeouts += 1
             del self._gate_seen[pid]
-            p = self.tracker.table.get(pid)
+            # the record may be the one that is late: ask /proc, not only the table
+            p = self.tracker.process_of(pid)
             # outside episodes (a scope = "all" gate) a late verdict never
             # kills: a slow tracer must not take the node's own processes down
-            if self.gate_default == "allow" or self.monitor or p is None or not p.episode:
+            if self.gate_default == "allow" or self.monitor or (p is not None and not p.episode):
                 self._continue(pid)
                 verdict = "allowed"
             else:

@@ -220,6 +220,16 @@ class Tracker:
         e = self.episodes.get(ep)
         return e.slot if e else None
 
+    def process_of(self, pid: int) -> Proc | None:
+        """The table's process, read from /proc and resolved when the
+        table has not seen it yet (e.g. its exec record is still queued)."""
+        p = self.table.get(pid)
+        if p is None and self.live:
+            p = self.table.lookup_or_read(pid)
+            if p is not None:
+                self._resolve(p)
+        return p
+
     # ----------------------------------------------------------- resolution
     def _resolve(self, p: Proc) -> None:
         if self.cgroups.first_miss(p.cgroup):
