@@ -59,6 +59,13 @@ enum at_kind {
 #define AT_EXEC_NO_ARGV (1u << 5)      /* out of scope at execve: argv not captured
 					  (user space reads /proc/<pid>/cmdline) */
 
+/* deny_event.user_type */
+#define AT_DENY_SENDMSG (1u << 0)   /* sendmsg (else connect) */
+#define AT_DENY_WOULD (1u << 1)     /* monitor mode: matched, not refused */
+
+/* deny rule bit of the self-test's canary rule: enforced in monitor mode too */
+#define AT_RULE_CANARY 63
+
 /* episode slot of the tracer's self-test (canary) cgroup: never gated by
  * gate-all (the tracer waits on its canaries synchronously) */
 #define AT_SLOT_CANARY 65535
@@ -97,7 +104,11 @@ enum at_config {
 				       (but the tracer's own process tree) */
 	AT_CFG_WIRE_HOLD = 15,   /* bit g: stop the writer after a candidate first write
 				    (SSH-, '{', TLS handshake) until user space rules */
-	AT_CFG_MAX = 16,
+	AT_CFG_MONITOR = 16,     /* 1: monitor mode: deny rules match but allow; an
+				    unconnected UDP sendmsg they match is reported
+				    (deny_event with AT_DENY_WOULD), connects are
+				    reported by their own records */
+	AT_CFG_MAX = 17,
 };
 
 struct event_hdr {

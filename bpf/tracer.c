@@ -866,7 +866,13 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 	mask &= ~exc;
 	if (!mask)
 		return 1;
-	count(AT_CNT_DENIED);
+	/* monitor mode: allow; say so only for sendmsg (an unconnected UDP
+	 * send has no other record; a connect has its own) */
+	u32 would = cfg(AT_CFG_MONITOR) && !(mask & (1ULL << AT_RULE_CANARY));
+	if (would && !(user_type & AT_DENY_SENDMSG))
+		return 1;
+	if (!would)
+		count(AT_CNT_DENIED);
 	struct deny_event *e = events.ringbuf_reserve(sizeof(struct deny_event));
 	if (e) {
 		fill_hdr(&e->h, AT_EV_DENY);
@@ -874,19 +880,19 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 		e->family = v6 == 1 ? 10 : 2;
 		e->protocol = proto;
 		e->port = port;
-		e->user_type = user_type;
+		e->user_type = user_type | (would ? AT_DENY_WOULD : 0);
 		__builtin_memcpy(e->addr, addr, 16);
 		events.ringbuf_submit(e, 0);
 	} else {
 		count_lost(AT_EV_DENY);
 	}
-	return 0;
+	return would ? 1 : 0;
 }
 
 int at_connect4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, 0); }
 int at_connect6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, 0); }
-int at_sendmsg4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, 1); }
-int at_sendmsg6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, 1); }
+int at_sendmsg4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, AT_DENY_SENDMSG); }
+int at_sendmsg6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, AT_DENY_SENDMSG); }
 
 /* ------------------------------------------- first bytes on the wire */
 

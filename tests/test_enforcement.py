@@ -135,7 +135,8 @@ def test_connect_deny_v4_rule_covers_ipv4_mapped_v6(live_tracer, episode_id, net
         assert len(a) >= 2 and all(x["enforced"] is True and x["episode"] == episode_id for x in a)
     finally:
         srv.close()
-        udp.close()
+        if udp is not None:
+            udp.close()
 
 
 def test_connect_deny_v6_tcp_and_udp_sendmsg_v4(live_tracer, episode_id, netns, tmp_path):
@@ -315,14 +316,29 @@ def test_freeze_episode_freezes(live_tracer, episode_id, tmp_path):
 def test_monitor_mode_does_not_deny(live_tracer, episode_id, netns, tmp_path):
     t = live_tracer(policy=True, policy_dirs=[policy_dir(tmp_path, DENY_V4)], monitor=True).start()
     srv = NsServer(netns, netns["addr"], 7104)
+    udp = None
     try:
         res = run_in_episode(episode_id, connect_code(netns["addr"], 7104))
         assert res.exit_code == 0
         assert srv.count() == 1
         a = t.wait(type="alert", rule="deny-netns")
         assert a and a[0]["enforced"] is False and a[0]["would"] == "deny"
+        assert len(a) == 1   # the connect's own record said it; the kernel adds nothing for connects
+        # an unconnected UDP sendto has no record of its own: the kernel's
+        # sendmsg program says what it would have refused, and lets it through
+        udp = NsServer(netns, netns["addr"], 7106, udp=True)
+        res = run_in_episode(episode_id, connect_code(netns["addr"], 7106, udp=True))
+        assert res.exit_code == 0
+        assert udp.count() == 1
+        a = t.wait(type="alert", rule="deny-netns", n=2)
+        assert len(a) == 2, a
+        u = a[1]
+        assert u["enforced"] is False and u["would"] == "deny" and u["episode"] == episode_id
+        assert u["call"] == "sendmsg" and u["port"] == 7106 and u["addr"] == netns["addr"]
     finally:
         srv.close()
+        if udp is not None:
+            udp.close()
 
 
 def test_reload_broken_keeps_old_policy(live_tracer, episode_id, netns, tmp_path):

@@ -71,6 +71,10 @@ def test_constants_match_events_h():
     assert 1 << int(flags["AT_EXEC_KILL_WOULD"]) == events.EXEC_KILL_WOULD
     assert 1 << int(flags["AT_EXEC_NO_ARGV"]) == events.EXEC_NO_ARGV
     assert int(defines["AT_SLOT_CANARY"]) == events.SLOT_CANARY
+    assert int(defines["AT_RULE_CANARY"]) == events.RULE_CANARY
+    dflags = dict(re.findall(r"#define (AT_DENY_\w+) \(1u << (\d+)\)", text))
+    assert 1 << int(dflags["AT_DENY_SENDMSG"]) == events.DENY_SENDMSG
+    assert 1 << int(dflags["AT_DENY_WOULD"]) == events.DENY_WOULD
 
 
 @pytest.mark.parametrize(

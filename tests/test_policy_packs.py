@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.engine import build_kernel_maps
+from tracer.engine import CANARY_GATE, CANARY_KILL, build_kernel_maps
 from tracer.paths import POLICY_DIR
 from tracer.policy import load_policy, record_context
 
@@ -83,6 +83,22 @@ def test_kernel_plan_of_default_packs(policy):
     km = build_kernel_maps(plan, {})
     assert km.ports.get(3333) and km.ports.get(14444)
     assert km.tcp_mask and not km.global_mask  # nothing outside episodes
+
+
+def test_monitor_maps_keep_deny_rules_but_never_kill_or_gate(policy):
+    """--monitor: the kernel still matches the deny rules (to report an
+    unconnected UDP send it would have refused) but kills and gates nothing;
+    the self-test canary stays enforced."""
+    plan = policy.kernel_plan()
+    enforce = build_kernel_maps(plan, {1: "ep"})
+    mon = build_kernel_maps(plan, {1: "ep"}, monitor=True)
+    assert mon.monitor and not enforce.monitor
+    assert enforce.kill_comms and (enforce.gate_comms or enforce.gate_all)
+    assert mon.kill_comms == {} and mon.gate_comms == {} and not mon.gate_all and not mon.gate_all_global
+    assert (mon.deny4, mon.deny6, mon.ports, mon.slot_masks) == (enforce.deny4, enforce.deny6, enforce.ports,
+                                                              enforce.slot_masks)
+    canary = build_kernel_maps(plan, {}, canary=True, monitor=True)
+    assert canary.kill_comms == {CANARY_KILL: 1} and canary.gate_comms == {CANARY_GATE: 1}
 
 
 def test_pool_port_connect_is_deny(policy):

@@ -22,13 +22,13 @@ from typing import Any, Iterable
 
 from . import cgroups
 from .enforce import ENFORCING_ACTIONS, Enforcer, Outcome
-from .events import SLOT_CANARY
+from .events import RULE_CANARY, SLOT_CANARY
 from .probes import KernelMaps
 
 log = logging.getLogger(__name__)
 
 CANARY_SLOT = SLOT_CANARY  # bpf/events.h AT_SLOT_CANARY: never gated by gate-all
-CANARY_BIT = 63
+CANARY_BIT = RULE_CANARY
 CANARY_ADDR = "127.255.255.254"
 CANARY_PORT = 9
 CANARY_KILL = "at-canary-kill"
@@ -73,22 +73,25 @@ def _add_port_bits(ports: dict[int, int], ranges: Iterable[tuple[int, int]], bit
             ports[p] = ports.get(p, 0) | bit
 
 
-def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False) -> KernelMaps:
+def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, monitor: bool = False) -> KernelMaps:
     """Compile a policy's kernel plan into map contents (pure).
 
     slots: episode slot -> episode id, for rules restricted by episode glob.
-    Slot 0 stands for any episode the tracer has not registered yet."""
-    km = KernelMaps()
-    for comm in plan.kill_comms:
-        km.kill_comms[comm[:COMM_MAX]] = 1
-    for comm in getattr(plan, "kill_comms_all", ()):
-        km.kill_comms[comm[:COMM_MAX]] = 2
-    for comm in plan.gate_comms:
-        km.gate_comms.setdefault(comm[:COMM_MAX], 1)
-    for comm in getattr(plan, "gate_comms_all", ()):
-        km.gate_comms[comm[:COMM_MAX]] = 2
-    km.gate_all = bool(plan.gate_all)
-    km.gate_all_global = bool(getattr(plan, "gate_all_global", False))
+    Slot 0 stands for any episode the tracer has not registered yet.
+    monitor: nothing killed or gated; the deny maps are kept so the kernel
+    can report what it would have refused (it allows, `KernelMaps.monitor`)."""
+    km = KernelMaps(monitor=monitor)
+    if not monitor:
+        for comm in plan.kill_comms:
+            km.kill_comms[comm[:COMM_MAX]] = 1
+        for comm in getattr(plan, "kill_comms_all", ()):
+            km.kill_comms[comm[:COMM_MAX]] = 2
+        for comm in plan.gate_comms:
+            km.gate_comms.setdefault(comm[:COMM_MAX], 1)
+        for comm in getattr(plan, "gate_comms_all", ()):
+            km.gate_comms[comm[:COMM_MAX]] = 2
+        km.gate_all = bool(plan.gate_all)
+        km.gate_all_global = bool(getattr(plan, "gate_all_global", False))
     deny4: dict[Any, int] = {}
     deny6: dict[Any, int] = {}
     exc4: dict[Any, int] = {}
@@ -272,17 +275,12 @@ class Engine:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
 
     def load_kernel(self, canary: bool = False) -> None:
-        if self.monitor:
-            km = KernelMaps()
-            if canary:
-                km = build_kernel_maps(_EmptyPlan(), {}, canary=True)
-        else:
-            km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary)
-            km.wire_hold = wire_hold(self.policy)
+        km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary, monitor=self.monitor)
+        km.wire_hold = not self.monitor and wire_hold(self.policy)
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
-        if self.monitor or self.probes is None:
+        if self.probes is None:
             return
         plan = self.policy.kernel_plan()
         km = build_kernel_maps(plan, {episode.slot: episode.id})
@@ -346,9 +344,12 @@ class Engine:
             if mask & (1 << r.index):
                 v = self._rule_verdict(r.name, {"addr": rec.get("addr"), "port": rec.get("port"),
                                                 "protocol": rec.get("protocol")})
-                out.append(make_alert(rec, v, Outcome("deny", True, detail=f"{rec.get('call')} refused in kernel"),
-                                      self.policy.version))
-                self.enforcer.done["deny"] += 1
+                # the kernel decided (refused, or in monitor mode only matched):
+                # the one switch counts and labels it
+                o = self.enforcer.apply("deny", rec, already=True)
+                if o.enforced:
+                    o.detail = f"{rec.get('call')} refused in kernel"
+                out.append(make_alert(rec, v, o, self.policy.version))
         return out
 
     def _rule_verdict(self, name: str, matched: dict[str, Any]):

@@ -81,9 +81,15 @@ class Config(enum.IntEnum):
     EPISODE_ROOT = 13
     GATE_ALL_GLOBAL = 14
     WIRE_HOLD = 15
+    MONITOR = 16
 
 
-CONFIG_MAX = 16
+CONFIG_MAX = 17
+
+# deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
+DENY_SENDMSG = 1 << 0
+DENY_WOULD = 1 << 1
+RULE_CANARY = 63
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -344,7 +350,8 @@ def _deny(v: tuple) -> dict[str, Any]:
             "comm": _comm(v[6]), "rules_mask": v[7], "family": FAMILY_NAMES.get(fam, str(fam)),
             "addr": _ntop(_AF_INET, raw[:4]) if fam == _AF_INET else str(ipaddress.IPv6Address(raw)),
             "protocol": "tcp" if v[9] == socket.IPPROTO_TCP else "udp" if v[9] == socket.IPPROTO_UDP else str(v[9]),
-            "port": v[10], "call": "sendmsg" if v[11] else "connect"}
+            "port": v[10], "call": "sendmsg" if v[11] & DENY_SENDMSG else "connect",
+            "would": bool(v[11] & DENY_WOULD)}
 
 
 def _gate_race(v: tuple) -> dict[str, Any]:

@@ -288,6 +288,7 @@ class Probes:
         new = cur ^ 1
         self._clear_gen(new)
         self._write_gen(new, plan)
+        self._set_cfg(Config.MONITOR, int(plan.monitor))
         self._set_cfg(Config.GEN, new)
         self._clear_gen(cur)
 
@@ -350,8 +351,12 @@ class Probes:
 class KernelMaps:
     """The kernel's view of a policy: what the enforcement maps hold.
 
-    Built from a policy's kernel plan by tracer.enforce; empty in monitor
-    mode. Masks have one bit per deny rule (bit = rule index)."""
+    Built from a policy's kernel plan by tracer.engine.build_kernel_maps.
+    In monitor mode (`monitor`) nothing is killed or gated and the deny
+    rules only match: the kernel allows and reports a matched sendmsg.
+    Masks have one bit per deny rule (bit = rule index)."""
+
+    monitor: bool = False
 
     kill_comms: dict[str, int] = field(default_factory=dict)  # comm -> 1 episodes / 2 all
     gate_comms: dict[str, int] = field(default_factory=dict)
