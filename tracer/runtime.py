@@ -42,6 +42,8 @@ class RunOptions:
     policy: bool = True
     gate_timeout: float = 2.0
     gate_default: str = "kill"
+    relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
+    relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
 
 
@@ -62,6 +64,8 @@ class Runtime:
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self.stop_event = threading.Event()
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
+        self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
+        self._last_relay = 0.0
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -108,6 +112,10 @@ class Runtime:
         self.pipeline.emit(self.ready_record)
         self.pipeline.flush()
         self._start_gpu_watcher()
+        if opts.relay_interval > 0:
+            from .relay import Scanner
+
+            self.relay = Scanner(self.tracker, min_age_s=opts.relay_min_age)
         self._last_tick = time.monotonic()
         return self.ready_record
 
@@ -210,6 +218,19 @@ class Runtime:
                     self.pipeline.emit(r)
             if now - self._last_tick >= self.opts.stats_interval:
                 self.tick(now)
+            if self.relay is not None and now - self._last_relay >= self.opts.relay_interval:
+                self.scan_relays(now)
+
+    def scan_relays(self, now_mono: float | None = None) -> None:
+        self._last_relay = now_mono if now_mono is not None else time.monotonic()
+        try:
+            recs = self.relay.scan()
+        except Exception as e:  # sock_diag unavailable: say so once, stop scanning
+            log.warning("relay scan failed, relay detection off: %s", e)
+            self.relay = None
+            return
+        for r in recs:
+            self.pipeline.handle(r)
 
     def tick(self, now_mono: float | None = None) -> None:
         now_mono = now_mono if now_mono is not None else time.monotonic()

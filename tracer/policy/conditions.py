@@ -427,6 +427,19 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             _PORT,
         ),
     },
+    Kind.RELAY: {  # tracer/relay.py: addr/port the outbound leg, local_port the local listener
+        **_COMMON,
+        **_defs(
+            _FAMILY,
+            _ADDR,
+            _PORT,
+            FieldDef("local_addr", FType.CIDR, _ev("local_addr")),
+            FieldDef("local_port", FType.PORT, _ev("local_port")),
+            FieldDef("listener_exe", FType.STR, _ev("listener_exe")),
+            FieldDef("same_process", FType.BOOL, _ev("same_process")),
+            FieldDef("age_s", FType.NUM, _ev("age_s")),
+        ),
+    },
 }
 
 ALL_FIELDS: frozenset[str] = frozenset(name for defs in FIELDS.values() for name in defs)

@@ -52,6 +52,7 @@ class Kind(str, Enum):
     GPU = "gpu"
     GPU_OPEN = "gpu_open"
     PROTOCOL = "protocol"
+    RELAY = "relay"  # the reverse-tunnel shape (tracer/relay.py)
 
 
 class Scope(str, Enum):
