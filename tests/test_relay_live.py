@@ -86,20 +86,27 @@ def test_relay_shape_live(live_tracer, episode_id, second_episode, outside, tmp_
     local.settimeout(10)
     stop = tmp_path / "stop"
     addr, port = outside
+    script = tmp_path / "relay.py"  # a script file: `python -c` with sockets is the socket-oneliner rule
+    script.write_text(RELAY)
     results = {}
 
     def run(ep, argv):
         results[ep] = run_in_episode(ep, argv, timeout=40)
 
-    threads = [threading.Thread(target=run, args=(episode_id, [PY, "-S", "-c", RELAY, addr, str(port),
+    threads = [threading.Thread(target=run, args=(episode_id, [PY, "-S", str(script), addr, str(port),
                                                                str(local.getsockname()[1]), str(stop)])),
-               threading.Thread(target=run, args=(second_episode, [PY, "-S", "-c", RELAY, addr, str(port),
+               threading.Thread(target=run, args=(second_episode, [PY, "-S", str(script), addr, str(port),
                                                                    "-", str(stop)]))]
     conn = None
     try:
         for th in threads:
             th.start()
-        conn, _ = local.accept()
+        try:
+            conn, _ = local.accept()
+        except TimeoutError:
+            pytest.fail(f"the relay never reached the local listener; results {results}, "
+                        f"alerts {[(a['rule'], a['episode']) for a in t.find(type='alert')]}, "
+                        f"connects {[(c['addr'], c['port'], c['result']) for c in t.find(type='connect', episode=episode_id)]}")
         conn.settimeout(10)
         assert conn.recv(100) == b"from-outside\n"  # the relay shuttles outside -> local listener
         recs = t.wait(type="relay", episode=episode_id, timeout=15)
