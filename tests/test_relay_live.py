@@ -25,8 +25,10 @@ import socket, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(8)
 print("ready", flush=True)
+held = []  # keep every connection open (a dropped one would end its relay)
 while True:
     c, _ = s.accept()
+    held.append(c)
     c.sendall(b"from-outside\n")
 """
 
@@ -121,6 +123,7 @@ def test_relay_shape_live(live_tracer, episode_id, second_episode, outside, tmp_
         a = t.expect_alert(episode_id, "reverse-tunnel-shape")
         assert a["event"] == "relay" and a["action"] == "alert" and a["pid"] == r["pid"]
         assert a["addr"] == addr and a["port"] == port
+        assert (a["local_port"], a["listener_exe"]) == (r["local_port"], r["listener_exe"])
         # the outbound-only process of the other episode was scanned (it has been
         # up longer than min age by now) and has no relay record
         assert wait_for(lambda: t.rt.relay.scans >= 3 and t.find(type="connect", episode=second_episode), 5)

@@ -235,3 +235,11 @@ def test_outside_episodes_untouched(tracer, ext, tmp_path):
     r = subprocess.run(ext.ssh_argv(addr=ext.addr6) + ["echo ok"], capture_output=True, text=True, timeout=20)
     assert r.stdout.strip() == "ok"
     assert len(tracer.find(type="alert", episode=None)) == n_alerts
+
+
+def test_selftest_proves_every_path_with_the_default_packs(tracer):
+    """The default packs gate interpreters: the self-test's canaries must
+    still prove connect deny, exec kill and exec gate (a gated canary once
+    made connect_deny time out and be reported failed)."""
+    st = tracer.ready["selftest"]
+    assert {k: v for k, v in st.items() if v != "ok"} == {}, st

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -217,7 +218,8 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "description": verdict.description,
         "policy_version": policy_version,
     }
-    for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset"):
+    for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset",
+              "local_addr", "local_port", "listener_exe"):
         if rec.get(k) is not None:
             a[k] = rec[k]
     if outcome.detail:
@@ -486,16 +488,38 @@ class Engine:
         return enter
 
     def _canary_connect(self, cg: Path) -> str:
-        code = (
-            "import socket,sys\n"
-            "s=socket.socket()\n"
-            f"try:\n s.connect(('{CANARY_ADDR}',{CANARY_PORT}))\nexcept OSError as e:\n sys.exit(e.errno)\n"
-            "sys.exit(0)\n"
-        )
-        r = subprocess.run([sys.executable, "-S", "-c", code], preexec_fn=self._in_cgroup(cg), timeout=10)
-        if r.returncode == errno.EPERM:
+        """A forked child (no exec: nothing for an exec gate to hold, no
+        interpreter to start) joins the canary cgroup and connects to the
+        canary address; only EPERM proves the deny path."""
+        procs = str(cg / "cgroup.procs")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 99
+            try:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+                s = socket.socket()
+                s.settimeout(3)
+                s.connect((CANARY_ADDR, CANARY_PORT))
+                code = 0
+            except OSError as e:
+                code = e.errno or 99
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "failed: canary connect did not return within 10 s"
+            time.sleep(0.002)
+        rc = os.waitstatus_to_exitcode(status)
+        if rc == errno.EPERM:
             return "ok"
-        return f"failed: canary connect returned errno {r.returncode}, expected EPERM"
+        return f"failed: canary connect returned errno {rc}, expected EPERM"
 
     def _canary_exec(self, cg: Path, tmp: Path, name: str, expect: str) -> str:
         link = tmp / name
