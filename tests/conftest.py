@@ -57,8 +57,7 @@ def packs_tracer():
         t.stop()
 
 
-@pytest.fixture
-def episode_id():
+def _unique_episode():
     """A unique episode id; its cgroup is removed after the test."""
     ep = f"t-{uuid.uuid4().hex[:10]}"
     yield ep
@@ -68,6 +67,10 @@ def episode_id():
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
     except Exception:
         pass
+
+
+episode_id = pytest.fixture(_unique_episode, name="episode_id")
+second_episode_id = pytest.fixture(_unique_episode, name="second_episode_id")  # a test with two episodes
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 
 import pytest
 
@@ -66,19 +65,7 @@ def outside(netns):
         p.wait()
 
 
-@pytest.fixture
-def second_episode():
-    ep = f"t-{uuid.uuid4().hex[:10]}"
-    yield ep
-    from tracer import cgroups
-
-    try:
-        cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
-    except Exception:
-        pass
-
-
-def test_relay_shape_live(live_tracer, episode_id, second_episode, outside, tmp_path):
+def test_relay_shape_live(live_tracer, episode_id, second_episode_id, outside, tmp_path):
     from tracer.paths import POLICY_DIR
 
     t = live_tracer(policy=True, policy_dirs=[POLICY_DIR], relay_interval=0.3, relay_min_age=1.0).start()
@@ -97,7 +84,7 @@ def test_relay_shape_live(live_tracer, episode_id, second_episode, outside, tmp_
 
     threads = [threading.Thread(target=run, args=(episode_id, [PY, "-S", str(script), addr, str(port),
                                                                str(local.getsockname()[1]), str(stop)])),
-               threading.Thread(target=run, args=(second_episode, [PY, "-S", str(script), addr, str(port),
+               threading.Thread(target=run, args=(second_episode_id, [PY, "-S", str(script), addr, str(port),
                                                                    "-", str(stop)]))]
     conn = None
     try:
@@ -126,8 +113,8 @@ def test_relay_shape_live(live_tracer, episode_id, second_episode, outside, tmp_
         assert (a["local_port"], a["listener_exe"]) == (r["local_port"], r["listener_exe"])
         # the outbound-only process of the other episode was scanned (it has been
         # up longer than min age by now) and has no relay record
-        assert wait_for(lambda: t.rt.relay.scans >= 3 and t.find(type="connect", episode=second_episode), 5)
-        assert t.find(type="relay", episode=second_episode) == []
+        assert wait_for(lambda: t.rt.relay.scans >= 3 and t.find(type="connect", episode=second_episode_id), 5)
+        assert t.find(type="relay", episode=second_episode_id) == []
         assert len(t.find(type="relay", episode=episode_id)) == 1  # once per outbound connection
     finally:
         stop.write_text("")
