@@ -2,6 +2,8 @@
 root): the same pipeline the live tracer runs."""
 from __future__ import annotations
 
+import os
+
 import struct
 from pathlib import Path
 
@@ -92,3 +94,17 @@ def test_episode_id_validation():
     assert check_episode_id("rollout-17.a:b") == "rollout-17.a:b"
     with pytest.raises(ValueError, match="invalid episode id '../x'"):
         check_episode_id("../x")
+
+
+def test_sweep_drops_gone_processes_outside_episodes_only():
+    """Outside episodes the kernel reports no exits (no --all): entries whose
+    /proc is gone are swept; live ones and episode members are kept."""
+    from tracer.proctable import Proc, ProcessTable
+
+    gone = 4_194_304 + 7  # above the largest pid_max: never a live process
+    t = ProcessTable()
+    t.procs[gone] = Proc(pid=gone)
+    t.procs[gone + 1] = Proc(pid=gone + 1, episode="ep", membership="cgroup")
+    t.procs[os.getpid()] = Proc(pid=os.getpid())
+    assert t.sweep_outside() == [gone]
+    assert set(t.procs) == {gone + 1, os.getpid()}

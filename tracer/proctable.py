@@ -186,6 +186,19 @@ class ProcessTable:
                 gone.append(pid)
         return gone
 
+    def sweep_outside(self) -> list[int]:
+        """Drop processes outside every episode whose /proc entry is gone.
+
+        Without --all the kernel sends nothing for them, exits included, so
+        entries seeded from /proc at start (or read for a fork, a gate, a
+        GPU sample) would otherwise stay forever. Episode members keep
+        their entries until their exit record reaps them."""
+        gone = [pid for pid, p in self.procs.items()
+                if p.episode is None and p.exited is None and not os.path.exists(f"/proc/{pid}")]
+        for pid in gone:
+            del self.procs[pid]
+        return gone
+
     def ancestors(self, pid: int, limit: int = 64) -> Iterator[Proc]:
         """Ancestors of pid, nearest first (stops at init or a gap)."""
         seen = {pid}

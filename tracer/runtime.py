@@ -25,6 +25,8 @@ from .sinks import JsonlSink, VerdictSink
 
 log = logging.getLogger(__name__)
 
+SWEEP_S = 30.0  # seconds between sweeps of gone processes outside episodes (ProcessTable.sweep_outside)
+
 
 @dataclass
 class RunOptions:
@@ -59,6 +61,7 @@ class Runtime:
         self.control: Any = None
         self._lost_seen: dict[str, int] = {}
         self._last_tick = 0.0
+        self._last_sweep = time.monotonic()
         self._last_count = 0
         self.ready_record: dict[str, Any] | None = None
         self._observers: list[Callable[[dict[str, Any]], None]] = []
@@ -248,6 +251,9 @@ class Runtime:
             for r in pl.engine.tick(wall):
                 pl.emit(r)
         self.tracker.reap()
+        if now_mono - self._last_sweep >= SWEEP_S:
+            self._last_sweep = now_mono
+            self.tracker.table.sweep_outside()
         dt = max(now_mono - self._last_tick, 1e-6)
         pl.emit({"type": "stats", "ts": wall, "episode": None, "events": pl.count,
                  "rate": round((pl.count - self._last_count) / dt, 1),
