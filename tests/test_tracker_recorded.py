@@ -3,7 +3,6 @@ root): the same pipeline the live tracer runs."""
 from __future__ import annotations
 
 import os
-
 import struct
 from pathlib import Path
 
