@@ -65,6 +65,7 @@ class Runtime:
         self._last_count = 0
         self.ready_record: dict[str, Any] | None = None
         self._observers: list[Callable[[dict[str, Any]], None]] = []
+        self._poll_hooks: list[Callable[[], None]] = []
         self.stop_event = threading.Event()
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
         self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
@@ -149,6 +150,11 @@ class Runtime:
             else:
                 pl.emit(r)
 
+    def add_poll_hook(self, fn: Callable[[], None]) -> None:
+        """fn() runs on the loop's thread after each ring-buffer poll (and
+        once more at close): where per-poll batches are handed on."""
+        self._poll_hooks.append(fn)
+
     def add_observer(self, fn: Callable[[dict[str, Any]], None]) -> None:
         self._observers.append(fn)
         if self.pipeline is not None:
@@ -211,8 +217,11 @@ class Runtime:
 
     # ------------------------------------------------------------------ loop
     def loop(self, poll_ms: int = 100) -> None:
+        hooks = self._poll_hooks
         while not self.stop_event.is_set():
             self.probes.poll(poll_ms)
+            for h in hooks:
+                h()
             self.poll_gpu()
             now = time.monotonic()
             eng = self.pipeline.engine
@@ -293,6 +302,8 @@ class Runtime:
                 except Exception as e:  # pragma: no cover
                     log.warning("final GPU records: %s", e)
             self.gpu = None
+        for h in self._poll_hooks:
+            h()
         if self.pipeline is not None and self.pipeline.engine is not None:
             self.pipeline.engine.close()
         if self.probes is not None:

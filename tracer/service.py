@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from .episode_ops import EpisodeOpError, apply_episode_command
 
 log = logging.getLogger(__name__)
+
+STATE_BATCH = 256  # records handed to the dashboard state at once (at the latest after each poll)
 
 
 def _make_state(rt):
@@ -26,13 +29,25 @@ def _make_state(rt):
 def serve(rt, dashboard: bool = False) -> None:
     state = _make_state(rt)  # State locks itself: observe() and snapshot() run on different threads
     server = None
+    # appended by the loop's thread (and by operator commands on the control
+    # thread): a deque, so a concurrent append is never lost by a flush
+    pending: deque[dict[str, Any]] = deque()
 
     def observe(rec: dict[str, Any]) -> None:
-        state.observe(rec)
+        # the state takes a poll's records at once (one lock, not one per
+        # record: the per-event budget); alerts go to `top` as they happen
+        pending.append(rec)
+        if len(pending) >= STATE_BATCH:  # a long poll under load must not hold records in memory
+            flush()
         if server is not None and rec.get("type") == "alert":
             server.publish_alert(rec)
 
+    def flush() -> None:
+        if pending:
+            state.observe_many([pending.popleft() for _ in range(len(pending))])
+
     rt.add_observer(observe)
+    rt.add_poll_hook(flush)
     # episodes already known at start
     for e in rt.tracker.episodes.values():
         if not e.ended:

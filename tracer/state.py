@@ -157,22 +157,28 @@ class State:
     # ------------------------------------------------------------------ hot path
     def observe(self, record: dict[str, Any]) -> None:
         """Update the aggregate from one record (any kind; unknown kinds count as events)."""
-        kind = record.get("type")
-        ts = record.get("ts") or 0.0
         with self._lock:
-            if kind not in _META_KINDS:
-                self._count(kind, ts)
-            handler = self._handlers.get(kind)  # type: ignore[arg-type]
-            if handler is not None:
-                handler(record, ts)
-            else:
-                ep_id = record.get("episode")
-                if ep_id is not None:
-                    self._episode(ep_id, ts)
+            self._observe(record)
 
     def observe_many(self, records: Iterable[dict[str, Any]]) -> None:
-        for rec in records:
-            self.observe(rec)
+        """observe() for a batch, under one lock (the service hands over a
+        poll's worth of records at once)."""
+        with self._lock:
+            for rec in records:
+                self._observe(rec)
+
+    def _observe(self, record: dict[str, Any]) -> None:
+        kind = record.get("type")
+        ts = record.get("ts") or 0.0
+        if kind not in _META_KINDS:
+            self._count(kind, ts)
+        handler = self._handlers.get(kind)  # type: ignore[arg-type]
+        if handler is not None:
+            handler(record, ts)
+        else:
+            ep_id = record.get("episode")
+            if ep_id is not None:
+                self._episode(ep_id, ts)
 
     def _count(self, kind: Any, ts: float) -> None:
         self.events_total += 1
