@@ -164,19 +164,14 @@ def find_relays(
 # ------------------------------------------------------------------ live side
 def fd_inodes(pids: Iterable[int]) -> dict[int, dict[str, set[int]]]:
     """pid -> {"socket": inodes, "pipe": inodes} from /proc/<pid>/fd."""
+    from .sockets import fd_links
+
     out: dict[int, dict[str, set[int]]] = {}
     for pid in pids:
-        d = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(d)
-        except OSError:
+        if not os.path.isdir(f"/proc/{pid}/fd"):
             continue
         got: dict[str, set[int]] = {"socket": set(), "pipe": set()}
-        for fd in names:
-            try:
-                t = os.readlink(f"{d}/{fd}")
-            except OSError:
-                continue
+        for _fd, t in fd_links(pid):
             if t.startswith("socket:["):
                 got["socket"].add(int(t[8:-1]))
             elif t.startswith("pipe:["):
@@ -203,20 +198,12 @@ def snapshot_socks() -> list[Sock]:
 def owner_of(inode: int) -> int | None:
     """Any process holding socket inode (a full /proc walk: only for a relay
     about to be reported)."""
+    from .sockets import fd_links
+
     want = f"socket:[{inode}]"
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        d = f"/proc/{name}/fd"
-        try:
-            for fd in os.listdir(d):
-                try:
-                    if os.readlink(f"{d}/{fd}") == want:
-                        return int(name)
-                except OSError:
-                    continue
-        except OSError:
-            continue
+        if name.isdigit() and any(t == want for _fd, t in fd_links(name)):
+            return int(name)
     return None
 
 

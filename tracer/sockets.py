@@ -17,22 +17,28 @@ TCP_LISTEN = 10
 STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_LISTEN)
 
 
+def fd_links(pid: int | str) -> Iterator[tuple[int, str]]:
+    """(fd, link target such as "socket:[123]") of a process's open fds;
+    nothing for a process that is gone or cannot be read."""
+    d = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(d)
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            yield int(fd), os.readlink(f"{d}/{fd}")
+        except OSError:
+            continue
+
+
 def socket_inodes(pids: list[int]) -> dict[int, list[tuple[int, int]]]:
     """inode -> [(pid, fd)] for the given processes' socket fds."""
     out: dict[int, list[tuple[int, int]]] = {}
     for pid in pids:
-        d = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(d)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"{d}/{fd}")
-            except OSError:
-                continue
+        for fd, target in fd_links(pid):
             if target.startswith("socket:["):
-                out.setdefault(int(target[8:-1]), []).append((pid, int(fd)))
+                out.setdefault(int(target[8:-1]), []).append((pid, fd))
     return out
 
 
