@@ -491,13 +491,12 @@ class Engine:
         """A forked child (no exec: nothing for an exec gate to hold, no
         interpreter to start) joins the canary cgroup and connects to the
         canary address; only EPERM proves the deny path."""
-        procs = str(cg / "cgroup.procs")
+        enter = self._in_cgroup(cg)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             code = 99
             try:
-                with open(procs, "w") as f:
-                    f.write(str(os.getpid()))
+                enter()
                 s = socket.socket()
                 s.settimeout(3)
                 s.connect((CANARY_ADDR, CANARY_PORT))
@@ -569,14 +568,6 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races, "reloads": self.reloads,
                 "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {})}
-
-
-class _EmptyPlan:
-    kill_comms: frozenset = frozenset()
-    gate_comms: frozenset = frozenset()
-    gate_all = False
-    gate_all_global = False
-    deny: tuple = ()
 
 
 def _proc_state(pid: int) -> str | None:
