@@ -1148,18 +1148,13 @@ class Bench:
         wls = self.workloads()
         missing: dict[str, str] = {}
         groups = ["baseline", "tracer", "all"]
-        if Compare.bpftrace in self.cfg.compare:
-            why = Bpftrace.missing()
-            if why:
-                missing["bpftrace"] = why
-            else:
-                groups.append("bpftrace")
-        if Compare.auditd in self.cfg.compare:
-            why = Auditd.missing()
-            if why:
-                missing["auditd"] = why
-            else:
-                groups.append("auditd")
+        for which, tool in ((Compare.bpftrace, Bpftrace), (Compare.auditd, Auditd)):
+            if which in self.cfg.compare:
+                why = tool.missing()
+                if why:
+                    missing[which.value] = why
+                else:
+                    groups.append(which.value)
         for tool, why in missing.items():
             self.say(f"{tool}: not measured: {why}")
         times: dict[str, dict[str, list[float]]] = {w: {} for w in wls}
