@@ -10,6 +10,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,22 @@ def episode_level(root: Path | None = None) -> int:
     return len(root.relative_to(cgroup2_mount()).parts) + 1
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([a-z_]+\.h)"$', re.M)
+
+
+def bpf_source() -> str:
+    """bpf/tracer.c with its topic headers inlined (events.h stays an
+    include): bcc generates the TRACEPOINT_PROBE argument structs from the
+    main file's text only, so the programs must all be in the text it is
+    given. One compilation unit, as before."""
+    def inline(m: re.Match) -> str:
+        name = m.group(1)
+        if name == "events.h":
+            return m.group(0)
+        return f"/* ---- bpf/{name} ---- */\n" + _LOCAL_INCLUDE.sub(inline, (BPF_DIR / name).read_text())
+    return _LOCAL_INCLUDE.sub(inline, (BPF_DIR / "tracer.c").read_text())
+
+
 class Probes:
     def __init__(self, cfg: ProbeConfig, on_record: Callable[[memoryview], None]):
         ensure_tracefs()
@@ -96,7 +113,7 @@ class Probes:
         ]
         t0 = time.monotonic()
         try:
-            self.bpf = BPF(src_file=str(BPF_DIR / "tracer.c").encode(), cflags=cflags)
+            self.bpf = BPF(text=bpf_source().encode(), cflags=cflags)
         except Exception as e:
             raise ProbeError(f"compiling/loading bpf/tracer.c failed: {e}") from e
         self.compile_s = time.monotonic() - t0

@@ -1,6 +1,6 @@
 """Name-independent protocol identification from the first bytes a process
 writes on a new outbound TCP connection (captured by the kernel, see
-bpf/tracer.c `on_wire_write`).
+bpf/wire.h `on_wire_write`).
 
 Pure functions over bytes: no I/O, and never a DNS lookup (destinations are
 known by the TLS server name the client itself sent).

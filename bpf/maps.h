@@ -1,0 +1,72 @@
+/* agent-tracer maps: every BPF map of the kernel side, each declared once here with
+ * what it holds (key -> value), who writes it and who reads it.
+ * Included by tracer.c only (one compilation unit for bcc). */
+#ifndef AT_MAPS_H
+#define AT_MAPS_H
+
+BPF_RINGBUF_OUTPUT(events, AT_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(lost, u64, AT_EV_KIND_MAX);
+BPF_PERCPU_ARRAY(counters, u64, AT_CNT_MAX);
+BPF_ARRAY(config, u64, AT_CFG_MAX);
+
+/* scope: episode cgroups (id -> episode slot) and tracked processes
+ * (tgid -> source | slot << 8) */
+BPF_HASH(episode_cgroups, u64, u32, 16384);
+BPF_HASH(tracked, u32, u32, 65536);
+
+/* in-flight syscalls of in-scope threads */
+BPF_HASH(exec_pending, u32, struct exec_event, 1024);
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
+struct sock_args {
+	u64 uaddr;
+	s32 fd;
+	u32 addrlen;
+	s32 a2;   /* socket: type, listen: backlog, memfd: flags */
+	s32 a3;   /* socket: protocol */
+};
+BPF_HASH(sock_pending, u32, struct sock_args, 8192);
+BPF_HASH(thread_clones, u32, u8, 8192);
+struct bound_addr {
+	u32 addrlen;
+	u8 addr[AT_SOCKADDR_LEN];
+};
+BPF_TABLE("lru_hash", u64, struct bound_addr, bound_fds, 16384);
+struct exit_info {
+	s32 code;
+	s32 signal;
+};
+BPF_HASH(exit_info, u32, struct exit_info, 65536);
+BPF_PERCPU_ARRAY(sock_scratch, struct bound_addr, 1);
+/* TCP sockets of in-scope processes, (tgid << 32 | fd) -> state: created by
+ * socket(), then connected outbound; the first write on a connected one is
+ * captured and the entry forgotten (close() forgets it too). Only in-scope
+ * processes ever have entries, so for the rest of the node a write costs one
+ * hash lookup that misses. */
+#define AT_WIRE_SOCKET 1
+#define AT_WIRE_CONNECTED 2
+struct wire_conn {
+	u32 state;
+	u16 family;
+	u16 port;
+	u8 addr[16];
+};
+BPF_TABLE("lru_hash", u64, struct wire_conn, wire_fds, 16384);
+
+/* enforcement maps, double-buffered by generation */
+BPF_HASH(kill_comms, struct comm_key, u8, 4096);   /* value: 1 episodes, 2 all */
+BPF_HASH(gate_comms, struct comm_key, u8, 4096);
+BPF_HASH(gated, u32, u32, 4096);                   /* 1 held, 2 continued by someone else */
+/* the tracer's own process tree (tgids): never gated outside episodes, so the
+ * tracer cannot wait on a child that waits on the tracer. User space puts
+ * its tgid here; children are added at clone, removed at exit. */
+BPF_HASH(self_tree, u32, u8, 4096);
+BPF_HASH(slot_mask, u32, u64, 32768);              /* gen<<16|slot -> deny rule mask */
+BPF_LPM_TRIE(deny4, struct lpm4_key, u64, 8192);
+BPF_LPM_TRIE(deny6, struct lpm6_key, u64, 8192);
+BPF_LPM_TRIE(exc4, struct lpm4_key, u64, 8192);
+BPF_LPM_TRIE(exc6, struct lpm6_key, u64, 8192);
+BPF_HASH(deny_port, u32, u64, 65536);              /* gen<<16|port -> mask */
+BPF_HASH(exc_port, u32, u64, 65536);
+BPF_ARRAY(gpu_prefixes, struct gpu_prefix, AT_GPU_PREFIX_MAX);
+
+#endif
