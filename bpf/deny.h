@@ -17,8 +17,17 @@ static __always_inline u64 rules_for_task(u32 gen)
 			return mask;
 		slot = *t >> 8;
 	}
-	u32 key = (gen << 16) | ((u32)slot & 0xffff);
+	/* the identity's own mask; an identity without one (an ended episode's
+	 * leftover process, or a mask not written yet) gets the rules of every
+	 * episode (identity 0), never none */
+	u32 ident = (u32)slot & AT_IDENT_MASK;
+	u32 key = (gen << 24) | ident;
 	u64 *m = slot_mask.lookup(&key);
+	if (!m && ident) {
+		count(AT_CNT_SLOT_STALE);
+		key = gen << 24;
+		m = slot_mask.lookup(&key);
+	}
 	if (m)
 		mask |= *m;
 	return mask;

@@ -47,7 +47,9 @@ enum at_kind {
 	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
 	AT_EV_CGROUP_MKDIR = 13, /* a cgroup2 directory was made (level >= 2): names
 				    an episode cgroup before anything runs in it */
-	AT_EV_KIND_MAX = 14,
+	AT_EV_CGROUP_RMDIR = 28, /* a cgroup2 directory (level >= 2) was removed: after
+				    every record of the processes that ran in it */
+	AT_EV_KIND_MAX = 29,
 };
 
 /* exec_event.flags */
@@ -66,11 +68,22 @@ enum at_kind {
 /* deny rule bit of the self-test's canary rule: enforced in monitor mode too */
 #define AT_RULE_CANARY 63
 
-/* episode slot of the tracer's self-test (canary) cgroup: never gated by
- * gate-all (the tracer waits on its canaries synchronously) */
-#define AT_SLOT_CANARY 65535
+/* episode identity (the "slot" in episode_cgroups values, tracked values and
+ * slot_mask keys): 24 bits, generation << AT_SLOT_BITS | slot index.
+ * Index 0 is "an episode not registered yet" (the rules of every episode);
+ * indices 1..AT_EPISODES_MAX are handed out to running episodes and recycled
+ * when they end, each reuse with the next generation of that index, so a
+ * stale kernel entry of an ended episode never names the new one. */
+#define AT_SLOT_BITS 13
+#define AT_SLOT_INDEX_MASK 8191
+#define AT_IDENT_MASK 16777215
+#define AT_EPISODES_MAX 8190   /* concurrent episodes the kernel maps can name */
+/* identity of the tracer's self-test (canary) cgroup: index 8191, which no
+ * episode ever gets (indices end at AT_EPISODES_MAX); never gated by gate-all
+ * (the tracer waits on its canaries synchronously) */
+#define AT_SLOT_CANARY 16777215
 
-/* tracked map value: how a process entered scope (low byte), episode slot above */
+/* tracked map value: how a process entered scope (low byte), episode identity above */
 #define AT_TRACK_ENV 1
 #define AT_TRACK_LINEAGE 2
 
@@ -81,7 +94,11 @@ enum at_counter {
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
 	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
-	AT_CNT_MAX = 5,
+	AT_CNT_MAP_FULL = 22,     /* an update of tracked or exec_pending failed (map full) */
+	AT_CNT_SLOT_STALE = 23,   /* a deny decision for an identity without its own mask
+				     (ended episode's leftover, or not written yet): the
+				     rules of every episode applied */
+	AT_CNT_MAX = 24,
 };
 
 /* config array indices (u64 values written by user space) */
@@ -121,10 +138,13 @@ struct event_hdr {
 	char comm[AT_COMM_LEN];
 };
 
+/* fork_event.flags */
+#define AT_FORK_UNTRACKED (1u << 0)   /* the child could not be added to `tracked` (map full) */
+
 struct fork_event {
 	struct event_hdr h;
 	__u32 child_pid;
-	__u32 _pad;
+	__u32 flags;
 };
 
 struct exec_event {

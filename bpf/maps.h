@@ -9,13 +9,13 @@ BPF_PERCPU_ARRAY(lost, u64, AT_EV_KIND_MAX);
 BPF_PERCPU_ARRAY(counters, u64, AT_CNT_MAX);
 BPF_ARRAY(config, u64, AT_CFG_MAX);
 
-/* scope: episode cgroups (id -> episode slot) and tracked processes
- * (tgid -> source | slot << 8) */
-BPF_HASH(episode_cgroups, u64, u32, 16384);
-BPF_HASH(tracked, u32, u32, 65536);
+/* scope: episode cgroups (cgroup id -> episode identity, events.h) and
+ * tracked processes (tgid -> source | identity << 8). Sizes: docs/scale.md. */
+BPF_HASH(episode_cgroups, u64, u32, 32768);
+BPF_HASH(tracked, u32, u32, 262144);
 
 /* in-flight syscalls of in-scope threads */
-BPF_HASH(exec_pending, u32, struct exec_event, 1024);
+BPF_HASH(exec_pending, u32, struct exec_event, 2048);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 struct sock_args {
 	u64 uaddr;
@@ -60,7 +60,7 @@ BPF_HASH(gated, u32, u32, 4096);                   /* 1 held, 2 continued by som
  * tracer cannot wait on a child that waits on the tracer. User space puts
  * its tgid here; children are added at clone, removed at exit. */
 BPF_HASH(self_tree, u32, u8, 4096);
-BPF_HASH(slot_mask, u32, u64, 32768);              /* gen<<16|slot -> deny rule mask */
+BPF_HASH(slot_mask, u32, u64, 32768);              /* gen<<24|identity -> deny rule mask */
 BPF_LPM_TRIE(deny4, struct lpm4_key, u64, 8192);
 BPF_LPM_TRIE(deny6, struct lpm6_key, u64, 8192);
 BPF_LPM_TRIE(exc4, struct lpm4_key, u64, 8192);

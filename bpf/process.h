@@ -40,18 +40,26 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	/* lineage: the child of an episode process belongs to the episode, also
 	 * after setsid, double fork or reparenting */
 	u32 *src = tracked.lookup(&tgid);
+	u32 fflags = 0;
 	if (src) {
 		u32 v = (*src & ~0xffu) | AT_TRACK_LINEAGE;
-		tracked.update(&child, &v);
+		if (tracked.update(&child, &v))
+			fflags |= AT_FORK_UNTRACKED;
 	} else if (!AT_SCOPE_ALL || cgroup_slot() >= 0) {
 		int slot = cgroup_slot();
 		if (slot >= 0) {
 			u32 v = ((u32)slot << 8) | AT_TRACK_LINEAGE;
-			tracked.update(&child, &v);
+			if (tracked.update(&child, &v))
+				fflags |= AT_FORK_UNTRACKED;
 		}
 	}
+	/* map full: counted, and the fork record says so (user space stops a
+	 * child that only lineage kept in its episode: fail closed) */
+	if (fflags)
+		count(AT_CNT_MAP_FULL);
 	RESERVE(e, struct fork_event, AT_EV_FORK);
 	e->child_pid = child;
+	e->flags = fflags;
 	events.ringbuf_submit(e, 0);
 	return 0;
 }
@@ -94,7 +102,8 @@ static __always_inline int on_execve(const char *filename, const char *const *ar
 		e->flags |= AT_EXEC_ENV_MARKER;
 		if (!tracked.lookup(&tgid)) {
 			u32 v = AT_TRACK_ENV;
-			tracked.update(&tgid, &v);
+			if (tracked.update(&tgid, &v))
+				count(AT_CNT_MAP_FULL);
 		}
 		scoped = 1;
 	}
@@ -126,7 +135,10 @@ static __always_inline int on_execve(const char *filename, const char *const *ar
 			e->flags |= AT_EXEC_ARGV_TRUNCATED;
 	}
 	e->args_len = off; /* < AT_ARGV_BUF + AT_ARG_LEN: the buffer has that room */
-	exec_pending.update(&tid, e);
+	/* map full: counted; sched_process_exec still judges an episode's exec
+	 * (argv then comes from /proc) */
+	if (exec_pending.update(&tid, e))
+		count(AT_CNT_MAP_FULL);
 	return 0;
 }
 
@@ -196,6 +208,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	bpf_get_current_comm(ck.comm, sizeof(ck.comm));
 	u8 kill = comm_verdict(kill_comms.lookup(&ck));
 	int scoped = p != 0;
+	/* an episode process whose execve was not seen (exec_pending full, or a
+	 * 32-bit execve, which skips the syscalls tracepoints) is still judged:
+	 * kill list and gate apply, argv is read from /proc */
+	if (!p && in_episode(tgid))
+		scoped = 1;
 
 	/* known-bad names: killed here, before the new image runs */
 	if (kill == 2 || (kill == 1 && scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1))) {
@@ -207,7 +224,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	u32 flags = p ? p->flags : AT_EXEC_NO_ARGV;
 	if (kill) {
 		flags |= AT_EXEC_KILLED;
-	} else if (exec_gate(p != 0, tgid, &ck)) {
+	} else if (exec_gate(scoped, tgid, &ck)) {
 		u32 held = 1;
 		gated.update(&tgid, &held);
 		bpf_send_signal(AT_SIGSTOP);
@@ -216,8 +233,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 	if (!p) {
 		/* out of scope: reported only when killed or gated (scope = "all"
-		 * rules); argv was not captured at execve */
-		if (!(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
+		 * rules), or an episode's exec not seen at execve; argv was not
+		 * captured there */
+		if (!scoped && !(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
 			return 0;
 		struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 		if (!e) {

@@ -42,6 +42,7 @@
 #include "maps.h"
 #include "common.h"
 #include "process.h"
+#include "episodes.h"
 #include "sockets.h"
 #include "gpu.h"
 #include "deny.h"

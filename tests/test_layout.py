@@ -71,6 +71,14 @@ def test_constants_match_events_h():
     assert 1 << int(flags["AT_EXEC_KILL_WOULD"]) == events.EXEC_KILL_WOULD
     assert 1 << int(flags["AT_EXEC_NO_ARGV"]) == events.EXEC_NO_ARGV
     assert int(defines["AT_SLOT_CANARY"]) == events.SLOT_CANARY
+    assert int(defines["AT_SLOT_BITS"]) == events.SLOT_BITS
+    assert int(defines["AT_SLOT_INDEX_MASK"]) == events.SLOT_INDEX_MASK
+    assert int(defines["AT_IDENT_MASK"]) == events.IDENT_MASK
+    assert int(defines["AT_EPISODES_MAX"]) == events.EPISODES_MAX
+    # the canary's index is above every index an episode can get
+    assert events.SLOT_CANARY & events.SLOT_INDEX_MASK > events.EPISODES_MAX
+    fflags = dict(re.findall(r"#define (AT_FORK_\w+) \(1u << (\d+)\)", text))
+    assert 1 << int(fflags["AT_FORK_UNTRACKED"]) == events.FORK_UNTRACKED
     assert int(defines["AT_RULE_CANARY"]) == events.RULE_CANARY
     dflags = dict(re.findall(r"#define (AT_DENY_\w+) \(1u << (\d+)\)", text))
     assert 1 << int(dflags["AT_DENY_SENDMSG"]) == events.DENY_SENDMSG

@@ -27,12 +27,13 @@ from typing import Any, Sequence
 import orjson
 
 from . import cgroups
-from .episodes import check_episode_id
-from .paths import RUN_DIR
+from .ids import check_episode_id
+from .paths import CONTROL_SOCKET, RUN_DIR
 
 POLICY_KILLED_EXIT = 86  # `episode run` exit code when policy killed the episode
 VERDICT_DIR = RUN_DIR / "verdicts"
 KILL_ACTIONS = frozenset({"kill-episode", "kill", "deny"})
+REGISTER_TIMEOUT_S = 10.0  # a running tracer must give a new episode its identity this fast
 
 
 class EpisodeError(RuntimeError):
@@ -112,29 +113,96 @@ def _killed_by_policy(alerts: list[dict[str, Any]], root_pid: int, sig: int | No
     return False
 
 
+def await_registration(episode: str, control_socket: str | os.PathLike[str] | None = CONTROL_SOCKET,
+                       timeout: float = REGISTER_TIMEOUT_S) -> str:
+    """Wait until a running tracer has given episode `episode` (whose cgroup
+    exists) its kernel identity, so every rule of the episode applies from
+    its first instruction. Returns "registered", or "no tracer" when none
+    answers on the control socket (or an older one without `status`).
+    Raises EpisodeError when the tracer refused it (at its --max-episodes
+    limit) or did not register it within `timeout` (fail closed)."""
+    import socket as _socket
+
+    if control_socket is None:
+        return "no tracer"
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(os.fspath(control_socket))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return "no tracer"
+        req = orjson.dumps({"op": "episode", "cmd": "status", "id": episode}) + b"\n"
+        deadline = time.monotonic() + timeout
+        buf = b""
+        delay = 0.0002
+        while True:
+            sock.sendall(req)
+            while b"\n" not in buf:
+                try:
+                    chunk = sock.recv(65536)
+                except _socket.timeout:
+                    chunk = b""
+                if not chunk:
+                    raise EpisodeError(f"the tracer on {control_socket} stopped answering while episode "
+                                       f"{episode!r} started; not starting it")
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            msg = orjson.loads(line)
+            if msg.get("ok") is False:
+                return "no tracer"  # a tracer without the status command (or not ours to ask)
+            state = msg.get("state")
+            if state == "registered":
+                return "registered"
+            if state == "refused":
+                raise EpisodeError(str(msg.get("error") or f"episode {episode!r} refused by the tracer"))
+            if time.monotonic() > deadline:
+                raise EpisodeError(f"the tracer did not register episode {episode!r} within {timeout:g} s "
+                                   "(overloaded?); not starting it")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+    finally:
+        sock.close()
+
+
 def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                 cwd: str | None = None, verdict_dir: Path = VERDICT_DIR, keep_stragglers: bool = False,
                 verdict_file: Path | None = None, timeout: float | None = None,
-                gpu: bool = False) -> EpisodeResult:
+                gpu: bool = False, control_socket: str | os.PathLike[str] | None = CONTROL_SOCKET,
+                register_timeout: float = REGISTER_TIMEOUT_S) -> EpisodeResult:
     """Run argv as episode `episode` in its own cgroup and wait for it.
 
-    When argv exits, processes it left behind in the cgroup are killed
-    (unless keep_stragglers) and the cgroup is removed. gpu=True registers
-    argv's process as the episode's GPU process (docs/gpu.md)."""
+    When a tracer runs (it answers on `control_socket`), argv starts only
+    once the tracer has registered the episode; EpisodeError when it refused
+    it (its concurrent-episode limit) or did not answer within
+    register_timeout. When argv exits, processes it left behind in the
+    cgroup are killed (unless keep_stragglers) and the cgroup is removed.
+    gpu=True registers argv's process as the episode's GPU process
+    (docs/gpu.md)."""
     if not argv:
         raise EpisodeError("no command given")
     cg = episode_cgroup(episode)
-    cg.parent.mkdir(exist_ok=True)
-    try:
-        cg.mkdir()
-    except FileExistsError:
-        raise EpisodeError(f"episode {episode!r} is already running (cgroup {cg} exists)") from None
     # a stale verdict file from an earlier episode of the same id would lie
     try:
         (verdict_dir / f"{episode}.jsonl").unlink()
     except FileNotFoundError:
         pass
+    try:
+        cg.mkdir()
+    except FileNotFoundError:
+        cg.parent.mkdir(exist_ok=True)
+        try:
+            cg.mkdir()
+        except FileExistsError:
+            raise EpisodeError(f"episode {episode!r} is already running (cgroup {cg} exists)") from None
+    except FileExistsError:
+        raise EpisodeError(f"episode {episode!r} is already running (cgroup {cg} exists)") from None
     t0 = time.monotonic()
+    try:
+        await_registration(episode, control_socket, register_timeout)
+    except BaseException:
+        cgroups.remove(cg)
+        raise
     procs_file = str(cg / "cgroup.procs")
 
     if gpu:

@@ -7,10 +7,7 @@ failures); 2 usage error (click); 3 the tracer could not start (BPF, root);
 from __future__ import annotations
 
 import enum
-import logging
-import signal
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -26,7 +23,31 @@ class Mode(str, enum.Enum):
     monitor = "monitor"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# commands whose modules are imported only when the command runs: an episode
+# start must not pay for the dashboard, the benchmark or the policy compiler
+_LAZY_COMMANDS = {
+    "policy": ("tracer.policy.cli", "policy"),
+    "top": ("tracer.dashboard", "top_command"),
+    "bench": ("tracer.bench", "bench_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in _LAZY_COMMANDS:
+            import importlib
+
+            mod, attr = _LAZY_COMMANDS[name]
+            cmd = getattr(importlib.import_module(mod), attr)
+            self.add_command(cmd, name)
+        return cmd
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="agent-tracer")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 def main(verbose: int) -> None:
@@ -41,6 +62,11 @@ def main(verbose: int) -> None:
       agent-tracer policy check policies/
       agent-tracer replay old.jsonl --policy-dir policies/
     """
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand == "episode" and not verbose:
+        return  # the episode commands log nothing of their own: logging stays unimported
+    import logging
+
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="agent-tracer: %(levelname)s %(message)s")
 
@@ -65,8 +91,14 @@ def main(verbose: int) -> None:
               help="Verdict for an episode's gated exec whose decision timed out (outside episodes: always allow).")
 @click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
+@click.option("--max-episodes", default=4096, show_default=True, type=click.IntRange(1, 8190),
+              help="Concurrent episodes with a kernel identity; a new one beyond is refused (docs/scale.md).")
+@click.option("--ended-keep", default=200, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Ended episodes the live view (top, episode list) keeps; older ones are dropped from view.")
+@click.option("--ended-keep-s", default=600.0, show_default=True, type=click.FloatRange(0, 7 * 86400),
+              help="Seconds an ended episode stays in the live view.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval) -> None:
+        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -86,7 +118,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         log=log_path, scope_all=scope_all, monitor=monitor,
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
-        gpu_interval=gpu_interval,
+        gpu_interval=gpu_interval, max_episodes=max_episodes, ended_keep=ended_keep, ended_keep_s=ended_keep_s,
     )
     rt = Runtime(opts)
     try:
@@ -98,6 +130,8 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
 
     def stop(_sig, _frm):
         rt.stop_event.set()
+
+    import signal
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -165,6 +199,9 @@ def episode_list(as_json) -> None:
     from .episode_ops import list_episodes
 
     rows = list_episodes()
+    dropped = _dropped_note()
+    if dropped:
+        click.echo(dropped, err=as_json)
     if as_json:
         import orjson
 
@@ -181,6 +218,16 @@ def episode_list(as_json) -> None:
         t.add_row(r["id"], r["state"], r.get("source") or "", str(r.get("processes", "")),
                   str(r.get("alerts", "")), r.get("cgroup_path") or "")
     Console().print(t)
+
+
+def _dropped_note() -> str | None:
+    from .episode_ops import last_retention
+
+    r = last_retention()
+    if not r or not r.get("dropped"):
+        return None
+    return (f"{r['dropped']} ended episodes dropped from view (keeping the last {r.get('keep')} "
+            f"for {r.get('keep_s'):g} s; their records are in the JSONL log and verdict files)")
 
 
 def _episode_cmd(cmd: str):
@@ -243,19 +290,6 @@ def doctor(as_json, no_selftest) -> None:
     ok = print_report(checks, as_json=as_json)
     sys.exit(0 if ok else 1)
 
-
-def _mount_subcommands() -> None:
-    from .dashboard import top_command
-    from .policy.cli import policy as policy_group
-
-    main.add_command(policy_group, "policy")
-    main.add_command(top_command, "top")
-    from .bench import bench_command
-
-    main.add_command(bench_command, "bench")
-
-
-_mount_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

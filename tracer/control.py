@@ -11,7 +11,7 @@ Requests (client -> server)::
           {"type": "alert", ...alert record...}      as alerts happen (ControlServer.publish_alert)
           {"type": "dropped", "alerts": N}           when alerts had to be dropped for this
                                                      client (it read too slowly); N is the total
-    {"op": "episode", "cmd": "freeze|thaw|kill|list", "id": "..."}
+    {"op": "episode", "cmd": "freeze|thaw|kill|list|status", "id": "..."}
                                                     -> handle_command(cmd, request), with
                                                        "ok": true added when absent
     {"op": "ping"}                                  -> {"ok": true, "pong": true}
@@ -55,7 +55,7 @@ __all__ = [
     "EPISODE_COMMANDS",
 ]
 
-EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list")
+EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
 ALERT_QUEUE = 1000            # pushed alerts buffered per subscriber before the oldest are dropped
 MAX_REQUEST = 1 << 20         # longest request line accepted
 MAX_REPLIES = 64              # pending replies per client before its requests stop being read

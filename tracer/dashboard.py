@@ -370,6 +370,9 @@ def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[Rend
     for st in ("running", "frozen", "killed", "ended"):
         if counts.get(st):
             title.append(f"  {counts[st]} {st}", style=STATE_STYLES[st])
+    dropped = (snap.get("retention") or {}).get("dropped")
+    if dropped:
+        title.append(f"  ({dropped} older ended dropped from view)", style="dim")
     out: list[RenderableType] = [_line(title, width=width)]
     rows_room = height - 2                       # title and the table's header line
     if not episodes or rows_room < 1:

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from . import cgroups
-from .episodes import check_episode_id
+from .ids import check_episode_id
 from .paths import CONTROL_SOCKET
 
 COMMANDS = ("freeze", "thaw", "kill")
@@ -51,12 +51,23 @@ def offline_episodes() -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+_LAST_RETENTION: dict[str, Any] = {}
+
+
+def last_retention() -> dict[str, Any]:
+    """The running tracer's retention of ended episodes as the last
+    list_episodes() call saw it: keep, keep_s, dropped (from view)."""
+    return dict(_LAST_RETENTION)
+
+
 def list_episodes() -> list[dict[str, Any]]:
     from .control import ControlError
 
+    _LAST_RETENTION.clear()
     try:
         reply = _client().command("list")
         if reply.get("ok", True) and "episodes" in reply:
+            _LAST_RETENTION.update(reply.get("retention") or {})
             return reply["episodes"]
     except ControlError:
         pass
@@ -90,11 +101,29 @@ def _offline_command(cmd: str, episode: str) -> str:
     return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
 
 
+def episode_status(tracker, ep: str) -> dict[str, Any]:
+    """Whether the tracer has given episode `ep` its kernel identity: the
+    start handshake of `episode run` / run_episode (docs/scale.md). Read from
+    the control thread: single dict lookups of the loop thread's state."""
+    e = tracker.episodes.get(ep)
+    if e is not None and not e.ended:
+        return {"ok": True, "episode": ep, "state": "registered", "slot": e.slot}
+    if ep in tracker.refused:
+        s = tracker.slots
+        return {"ok": True, "episode": ep, "state": "refused",
+                "error": f"episode {ep!r} refused: the tracer already runs {len(s)} episodes, its limit "
+                         f"(--max-episodes {s.capacity})"}
+    return {"ok": True, "episode": ep, "state": "unknown"}
+
+
 def apply_episode_command(rt, state, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     """Server side of the control socket's episode commands."""
     if cmd == "list":
         snap = state.snapshot()
-        return {"ok": True, "episodes": snap.get("episodes", [])}
+        return {"ok": True, "episodes": snap.get("episodes", []),
+                "retention": snap.get("retention")}
+    if cmd == "status":
+        return episode_status(rt.tracker, check_episode_id(args.get("id") or ""))
     if cmd not in COMMANDS:
         raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, {', '.join(COMMANDS)})")
     ep = args.get("id")

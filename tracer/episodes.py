@@ -21,33 +21,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .ids import EPISODE_ID_RE, check_episode_id  # noqa: F401 (re-exported)
 from .proctable import Proc, ProcessTable
+from .slots import DEFAULT_MAX_EPISODES, SlotsExhausted, SlotTable
 
-EPISODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
      "protocol"}
 )
+
+# an episode cgroup found gone by a directory scan ends only this long after
+# (its cgroup_rmdir record ends it at once, in stream order, after every
+# record of what ran there: the scan is the fallback when that record was lost)
+SCAN_REMOVE_GRACE_S = 5.0
+# ended episodes leave the tracker this long after their end (observers of
+# the episode_end record still find them; memory stays flat in ended ones)
+ENDED_FORGET_S = 5.0
+REFUSED_MEMORY = 4096
 
 # kinds that neither create, change nor end a process (listen is not here: it
 # may read the socket's local address from /proc)
 _FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol"})
 
 
-def check_episode_id(ep: str) -> str:
-    if not EPISODE_ID_RE.match(ep):
-        raise ValueError(
-            f"invalid episode id {ep!r}: 1-63 characters of letters, digits, '.', '_', ':' or '-', "
-            "starting with a letter or digit"
-        )
-    return ep
-
-
 @dataclass
 class Episode:
     id: str
     source: str  # cgroup | env | preexisting
-    slot: int
+    slot: int  # kernel identity (tracer/slots.py)
     cgroup_path: str | None = None
     cgroup_ids: set[int] = field(default_factory=set)
     root_pid: int | None = None
@@ -64,6 +65,7 @@ class CgroupRegistry:
         self.paths: dict[str, Path] = {}
         self._last_scan = 0.0
         self._unknown: set[int] = set()
+        self._gone: dict[str, float] = {}  # episode -> when a scan first found its directory gone
         # the root as the kernel's cgroup_mkdir tracepoint names it (its path
         # below the cgroup2 mount), e.g. "/agent-tracer/"
         self.kernel_prefix: str | None = None
@@ -89,7 +91,25 @@ class CgroupRegistry:
         self.by_cgroup[cg] = ep
         self._unknown.discard(cg)
         self.paths.setdefault(ep, self.root / ep)
+        self._gone.pop(ep, None)
         return ep, self.root / ep
+
+    def removed_dir(self, cg: int, path: str) -> tuple[str, bool] | None:
+        """A cgroup_rmdir record: (episode, whether it was the episode's own
+        directory) for an episode cgroup or one below it; forgets the id."""
+        pre = self.kernel_prefix
+        if pre is None or self.root is None or not path.startswith(pre):
+            return None
+        rest = path[len(pre):].strip("/")
+        ep = rest.split("/", 1)[0]
+        if not ep or ep.startswith(".") or not EPISODE_ID_RE.match(ep):
+            return None
+        self.by_cgroup.pop(cg, None)
+        top = "/" not in rest
+        if top:
+            self.paths.pop(ep, None)
+            self._gone.pop(ep, None)
+        return ep, top
 
     def scan(self) -> tuple[list[tuple[str, Path, set[int]]], list[str]]:
         """Rescan; returns (added (id, path, cgroup ids), removed ids)."""
@@ -125,15 +145,25 @@ class CgroupRegistry:
             if ep not in self.paths:
                 added.append((ep, path, ids))
             self.paths[ep] = path
+            self._gone.pop(ep, None)
             for i in ids:
                 self.by_cgroup[i] = ep
                 self._unknown.discard(i)
+        # a directory gone now may still have records queued in the ring
+        # buffer: it is removed by its cgroup_rmdir record, in stream order;
+        # the scan removes it only after a grace (that record was lost)
+        now = self._last_scan
         for ep in list(self.paths):
-            if ep not in found:
-                removed.append(ep)
-                del self.paths[ep]
-                for i in [i for i, e in self.by_cgroup.items() if e == ep]:
-                    del self.by_cgroup[i]
+            if ep in found:
+                continue
+            first = self._gone.setdefault(ep, now)
+            if now - first < SCAN_REMOVE_GRACE_S:
+                continue
+            del self._gone[ep]
+            removed.append(ep)
+            del self.paths[ep]
+            for i in [i for i, e in self.by_cgroup.items() if e == ep]:
+                del self.by_cgroup[i]
         return added, removed
 
     def episode_of(self, cg: int | None) -> str | None:
@@ -152,12 +182,15 @@ class CgroupRegistry:
 class Tracker:
     """Process table + episode resolution over a stream of records."""
 
-    def __init__(self, cgroup_root: Path | None = None, live: bool = True):
+    def __init__(self, cgroup_root: Path | None = None, live: bool = True,
+                 max_episodes: int = DEFAULT_MAX_EPISODES, slot_start_gen: int = 0):
         self.table = ProcessTable()
         self.cgroups = CgroupRegistry(cgroup_root if live else None)
         self.live = live
         self.episodes: dict[str, Episode] = {}
-        self._next_slot = 1
+        self.slots = SlotTable(max_episodes, slot_start_gen)
+        self.refused: dict[str, float] = {}  # episode -> when it was refused (no identity free)
+        self._ended: list[tuple[float, str, Episode]] = []  # (monotonic end, id, episode), oldest first
         self.pending: list[dict[str, Any]] = []  # records produced outside observe()
 
     # ------------------------------------------------------------- episodes
@@ -168,8 +201,17 @@ class Tracker:
             if ids:
                 e.cgroup_ids |= ids
             return {}
-        slot = self._next_slot
-        self._next_slot += 1
+        if ep in self.refused:
+            return {}  # refused once: its records stay its own, with no identity (it is being killed)
+        try:
+            slot = self.slots.take(ep)
+        except SlotsExhausted as err:
+            if len(self.refused) >= REFUSED_MEMORY:
+                del self.refused[next(iter(self.refused))]
+            self.refused[ep] = now
+            return {"type": "episode_refused", "ts": now, "episode": ep, "source": source,
+                    "cgroup_path": cgroup_path, "root_pid": root_pid, "reason": str(err),
+                    "max_episodes": self.slots.capacity}
         self.episodes[ep] = Episode(ep, source, slot, cgroup_path, set(ids or ()), root_pid, now)
         return {"type": "episode_start", "ts": now, "episode": ep, "source": source,
                 "cgroup_path": cgroup_path, "root_pid": root_pid}
@@ -179,6 +221,11 @@ class Tracker:
         if e is None or e.ended:
             return {}
         e.ended = True
+        self.slots.give_back(e.slot)
+        self._ended.append((time.monotonic(), ep, e))
+        for cg in e.cgroup_ids:
+            if self.cgroups.by_cgroup.get(cg) == ep:
+                del self.cgroups.by_cgroup[cg]
         return {"type": "episode_end", "ts": now, "episode": ep, "reason": reason, "exit_code": exit_code}
 
     def seed(self, now: float) -> list[dict[str, Any]]:
@@ -257,6 +304,8 @@ class Tracker:
         t = rec.get("type")
         if t == "cgroup_mkdir":
             return self._cgroup_made(rec)
+        if t == "cgroup_rmdir":
+            return self._cgroup_removed(rec)
         if t not in KERNEL_TYPES:
             if t == "episode_start" and rec.get("episode"):
                 self._start(rec["episode"], rec.get("source", "cgroup"), rec.get("ts", 0.0),
@@ -412,8 +461,43 @@ class Tracker:
         r = self._start(ep, "cgroup", rec.get("ts", time.time()), str(path), None, {rec["cgroup_id"]})
         return [r] if r else []
 
+    def _cgroup_removed(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """Not a record of its own: the episode's own cgroup removed ends the
+        episode, after every record of what ran in it (stream order)."""
+        cg = rec["cgroup_id"]
+        got = self.cgroups.removed_dir(cg, rec.get("path") or "")
+        if got is None:
+            return []
+        ep, top = got
+        e = self.episodes.get(ep)
+        if not top:
+            if e is not None:
+                e.cgroup_ids.discard(cg)
+            return []
+        self.refused.pop(ep, None)
+        if e is None or e.ended or (e.cgroup_ids and cg not in e.cgroup_ids):
+            return []  # another incarnation's directory
+        r = self._end(ep, rec.get("ts", time.time()), "removed")
+        return [r] if r else []
+
     def reap(self) -> None:
-        self.table.reap(time.monotonic())
+        now = time.monotonic()
+        self.table.reap(now)
+        # ended episodes leave memory (their summaries are in the JSONL and
+        # the verdict files); a later record of the same id starts it afresh
+        ended = self._ended
+        n = 0
+        while n < len(ended) and now - ended[n][0] >= ENDED_FORGET_S:
+            _, ep, e = ended[n]
+            if self.episodes.get(ep) is e:
+                del self.episodes[ep]
+            n += 1
+        if n:
+            del ended[:n]
+        if self.refused:
+            wall = time.time()
+            for ep in [ep for ep, t in self.refused.items() if wall - t > 60.0]:
+                del self.refused[ep]
 
     def ancestors_exe(self, pid: int) -> list[str]:
         return [a.exe or "" for a in self.table.ancestors(pid)]

@@ -29,13 +29,17 @@ class Kind(enum.IntEnum):
     GATE_RACE = 11
     PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
+    CGROUP_RMDIR = 28  # ... was removed, after every record of what ran in it (cgroup_event)
 
     @property
     def record_type(self) -> str:
         return self.name.lower()
 
 
-KIND_MAX = 14
+KIND_MAX = 29
+
+# fork_event.flags
+FORK_UNTRACKED = 1 << 0
 
 # exec_event.flags
 EXEC_ARGV_TRUNCATED = 1 << 0
@@ -45,8 +49,13 @@ EXEC_GATED = 1 << 3
 EXEC_KILL_WOULD = 1 << 4
 EXEC_NO_ARGV = 1 << 5  # out of scope at execve: argv comes from /proc/<pid>/cmdline
 
-# episode slot of the self-test (canary) cgroup
-SLOT_CANARY = 0xFFFF
+# episode identity: generation << SLOT_BITS | slot index (bpf/events.h)
+SLOT_BITS = 13
+SLOT_INDEX_MASK = (1 << SLOT_BITS) - 1
+IDENT_MASK = (1 << 24) - 1
+EPISODES_MAX = 8190  # concurrent episodes the kernel maps can name
+# identity of the self-test (canary) cgroup: an index no episode ever gets
+SLOT_CANARY = IDENT_MASK
 
 # tracked map value
 TRACK_ENV = 1
@@ -59,9 +68,11 @@ class Counter(enum.IntEnum):
     EXEC_KILLED = 2
     DENIED = 3
     WIRE_HELD = 4
+    MAP_FULL = 22
+    SLOT_STALE = 23
 
 
-COUNTER_MAX = 5
+COUNTER_MAX = 24
 
 
 class Config(enum.IntEnum):
@@ -143,7 +154,7 @@ HDR_FIELDS = (
 )
 
 LAYOUTS: dict[Kind, Layout] = {
-    Kind.FORK: Layout("fork_event", HDR_FIELDS + (("child_pid", "I"), ("_pad", "I"))),
+    Kind.FORK: Layout("fork_event", HDR_FIELDS + (("child_pid", "I"), ("flags", "I"))),
     Kind.EXEC: Layout(
         "exec_event",
         HDR_FIELDS
@@ -206,6 +217,7 @@ LAYOUTS: dict[Kind, Layout] = {
     ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
+LAYOUTS[Kind.CGROUP_RMDIR] = LAYOUTS[Kind.CGROUP_MKDIR]
 
 # layouts of map keys and values written by user space
 MAP_LAYOUTS: dict[str, Layout] = {
@@ -277,8 +289,11 @@ def parse_sockaddr(raw: bytes, addrlen: int) -> dict[str, Any]:
 
 
 def _fork(v: tuple) -> dict[str, Any]:
-    return {"type": "fork", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
-            "comm": _comm(v[6]), "child_pid": v[7]}
+    r = {"type": "fork", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+         "comm": _comm(v[6]), "child_pid": v[7]}
+    if v[8] & FORK_UNTRACKED:
+        r["untracked"] = True  # the kernel's `tracked` map was full (tracer/runtime.py fails closed)
+    return r
 
 
 def _exec(v: tuple) -> dict[str, Any]:
@@ -378,6 +393,12 @@ def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
             "comm": _comm(v[6]), "cgroup_id": v[7], "level": v[8], "path": cstr(v[10])}
 
 
+def _cgroup_rmdir(v: tuple) -> dict[str, Any]:
+    r = _cgroup_mkdir(v)
+    r["type"] = "cgroup_rmdir"
+    return r
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -392,6 +413,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
+    Kind.CGROUP_RMDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_rmdir),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum

@@ -259,8 +259,15 @@ class Probes:
         t = self.bpf["counters"]
         return {c.name.lower(): sum(int(v) for v in t[ctypes.c_int(int(c))]) for c in Counter}
 
-    def add_episode_cgroup(self, cg_id: int, slot: int) -> None:
-        self.bpf["episode_cgroups"][ctypes.c_ulonglong(cg_id)] = ctypes.c_uint(slot)
+    def add_episode_cgroup(self, cg_id: int, slot: int) -> bool:
+        """Name cgroup cg_id as the episode of identity `slot`; False when
+        the kernel refused (map full: the caller fails closed)."""
+        try:
+            self.bpf["episode_cgroups"][ctypes.c_ulonglong(cg_id)] = ctypes.c_uint(slot)
+        except Exception as e:  # bcc raises on a failed update (E2BIG / ENOMEM when full)
+            log.warning("episode_cgroups: cannot add cgroup %d: %s", cg_id, e)
+            return False
+        return True
 
     def remove_episode_cgroup(self, cg_id: int) -> None:
         try:
@@ -268,8 +275,26 @@ class Probes:
         except KeyError:
             pass
 
-    def track_pid(self, pid: int, source: int, slot: int = 0) -> None:
-        self.bpf["tracked"][ctypes.c_uint(pid)] = ctypes.c_uint((slot << 8) | source)
+    def track_pid(self, pid: int, source: int, slot: int = 0) -> bool:
+        try:
+            self.bpf["tracked"][ctypes.c_uint(pid)] = ctypes.c_uint(((slot & events.IDENT_MASK) << 8) | source)
+        except Exception as e:  # map full: the caller fails closed
+            log.warning("tracked: cannot add pid %d: %s", pid, e)
+            return False
+        return True
+
+    def untrack_slot_index(self, index: int) -> int:
+        """Forget every tracked process whose identity has slot index
+        `index` (any generation): before an index's generation wraps, so no
+        leftover entry can ever name a later episode. Returns how many."""
+        t = self.bpf["tracked"]
+        stale = [k for k, v in t.items() if (v.value >> 8) & events.SLOT_INDEX_MASK == index]
+        for k in stale:
+            try:
+                del t[k]
+            except KeyError:
+                pass
+        return len(stale)
 
     def tracked_pids(self) -> dict[int, int]:
         return {k.value: v.value for k, v in self.bpf["tracked"].items()}
@@ -314,10 +339,13 @@ class Probes:
             t = self.bpf[name]
             for k in [k for k in t.keys() if k.gen == gen]:
                 del t[k]
-        for name in ("slot_mask", "deny_port", "exc_port"):
+        for name in ("deny_port", "exc_port"):
             t = self.bpf[name]
             for k in [k for k in t.keys() if (k.value >> 16) == gen]:
                 del t[k]
+        t = self.bpf["slot_mask"]
+        for k in [k for k in t.keys() if (k.value >> 24) == gen]:
+            del t[k]
         for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
@@ -352,7 +380,7 @@ class Probes:
                 t[ctypes.c_uint((gen << 16) | port)] = ctypes.c_ulonglong(mask)
         t = self.bpf["slot_mask"]
         for slot, mask in plan.slot_masks.items():
-            t[ctypes.c_uint((gen << 16) | slot)] = ctypes.c_ulonglong(mask)
+            t[ctypes.c_uint(slot_key(gen, slot))] = ctypes.c_ulonglong(mask)
         self._set_cfg(Config(Config.DENY_GLOBAL0 + gen), plan.global_mask)
         self._set_cfg(Config(Config.ANYPORT0 + gen), plan.anyport_mask)
         self._set_cfg(Config(Config.TCP0 + gen), plan.tcp_mask)
@@ -361,7 +389,28 @@ class Probes:
 
     def set_slot_mask(self, slot: int, mask: int) -> None:
         gen = self.active_gen()
-        self.bpf["slot_mask"][ctypes.c_uint((gen << 16) | slot)] = ctypes.c_ulonglong(mask)
+        self.bpf["slot_mask"][ctypes.c_uint(slot_key(gen, slot))] = ctypes.c_ulonglong(mask)
+
+    def clear_slot_mask(self, slot: int) -> None:
+        """An ended episode's masks (both policy generations): a leftover
+        process with its identity gets the rules of every episode."""
+        t = self.bpf["slot_mask"]
+        for gen in (0, 1):
+            try:
+                del t[ctypes.c_uint(slot_key(gen, slot))]
+            except KeyError:
+                pass
+
+    def slot_masks(self) -> dict[int, int]:
+        """identity -> mask of the active generation (tests, doctor)."""
+        gen = self.active_gen()
+        return {k.value & events.IDENT_MASK: v.value for k, v in self.bpf["slot_mask"].items()
+                if k.value >> 24 == gen}
+
+
+def slot_key(gen: int, slot: int) -> int:
+    """slot_mask key: policy generation << 24 | episode identity (bpf/deny.h)."""
+    return (gen << 24) | (slot & events.IDENT_MASK)
 
 
 @dataclass

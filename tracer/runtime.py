@@ -47,6 +47,14 @@ class RunOptions:
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
+    # scale (docs/scale.md): concurrent episodes the tracer gives a kernel
+    # identity (more are refused), the first generation of each identity
+    # (tests start near the wrap), and how many ended episodes the live
+    # view (`top`, `episode list`) keeps, for how long
+    max_episodes: int = 4096
+    slot_start_gen: int = 0
+    ended_keep: int = 200
+    ended_keep_s: float = 600.0
 
 
 class Runtime:
@@ -70,6 +78,7 @@ class Runtime:
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
         self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
         self._last_relay = 0.0
+        self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -87,7 +96,9 @@ class Runtime:
         # invalid policy refuses to start before anything is attached
         engine = self._make_engine()
         self.probes = Probes(pcfg, self._on_raw)
-        self.tracker = Tracker(self.probes.episode_root, live=True)
+        self.tracker = Tracker(self.probes.episode_root, live=True, max_episodes=opts.max_episodes,
+                               slot_start_gen=opts.slot_start_gen)
+        self.tracker.slots.on_wrap = self.probes.untrack_slot_index
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
@@ -176,18 +187,50 @@ class Runtime:
         if t == "episode_start":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
-                for cg in e.cgroup_ids:
-                    self.probes.add_episode_cgroup(cg, e.slot)
+                # the identity's mask before the cgroups that name it
                 if self.engine_slot_hook:
                     self.engine_slot_hook(e)
+                for cg in e.cgroup_ids:
+                    if not self.probes.add_episode_cgroup(cg, e.slot):
+                        self._fail_closed(rec["episode"], "episode_cgroups map full")
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
                 for cg in e.cgroup_ids:
                     self.probes.remove_episode_cgroup(cg)
+                self.probes.clear_slot_mask(e.slot)
         elif t == "exec" and rec.get("env_episode") and rec.get("membership") == "env":
             slot = self.tracker.episode_slot(rec["env_episode"]) or 0
-            self.probes.track_pid(rec["pid"], TRACK_ENV, slot)
+            if not self.probes.track_pid(rec["pid"], TRACK_ENV, slot):
+                self._kill_pid(rec["pid"], "tracked map full")
+        elif t == "episode_refused":
+            self._fail_closed(rec["episode"], rec.get("reason") or "refused")
+        elif t == "fork" and rec.get("untracked") and rec.get("membership") in ("env", "lineage"):
+            # only lineage kept the child in its episode, and the kernel could
+            # not track it: it would run unscoped, so it does not run
+            self._kill_pid(rec.get("child_pid"), "tracked map full")
+
+    def _fail_closed(self, episode: str, why: str) -> None:
+        """An episode the kernel maps cannot name does not run: killed
+        (cgroup.kill, else its processes), counted, logged."""
+        from . import cgroups
+
+        self.scale_failed_closed += 1
+        log.warning("episode %s stopped: %s", episode, why)
+        path = self.tracker.cgroups.paths.get(episode) or (self.probes.episode_root / episode)
+        if not (path.exists() and cgroups.kill(path)):
+            for p in self.tracker.table.members(episode):
+                self._kill_pid(p.pid, why)
+
+    def _kill_pid(self, pid: int | None, why: str) -> None:
+        if not pid:
+            return
+        self.scale_failed_closed += 1
+        log.warning("pid %d stopped: %s", pid, why)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
 
     @property
     def engine_slot_hook(self):
@@ -268,6 +311,7 @@ class Runtime:
                  "rate": round((pl.count - self._last_count) / dt, 1),
                  "lost_total": sum(self._lost_seen.values()),
                  "counters": self.probes.counters(),
+                 "slots": {**self.tracker.slots.stats(), "failed_closed": self.scale_failed_closed},
                  "events_by_kind": dict(pl.by_kind)})
         self._last_count = pl.count
         self._last_tick = now_mono

@@ -21,7 +21,8 @@ def _make_state(rt):
     ready = rt.ready_record or {}
     st = State(node=ready.get("node", ""), mode=ready.get("mode", "enforce"),
                policy_version=ready.get("policy_version") or "", started=rt.started,
-               scope=ready.get("scope", "episodes"))
+               scope=ready.get("scope", "episodes"), ended_keep=rt.opts.ended_keep,
+               ended_keep_s=rt.opts.ended_keep_s)
     st.observe(ready)
     return st
 

@@ -110,7 +110,18 @@ class State:
         policy_version: str,
         started: float,
         scope: str,
+        ended_keep: int = ENDED_KEEP_MAX,
+        ended_keep_s: float = ENDED_KEEP_S,
     ) -> None:
+        # retention of ended episodes (run options --ended-keep, --ended-keep-s):
+        # older ones are dropped from view and counted (`retention` in snapshots)
+        if not isinstance(ended_keep, int) or ended_keep < 0:
+            raise ValueError(f"ended_keep must be a non-negative integer, got {ended_keep!r}")
+        if not isinstance(ended_keep_s, (int, float)) or ended_keep_s < 0:
+            raise ValueError(f"ended_keep_s must be a non-negative number of seconds, got {ended_keep_s!r}")
+        self.ended_keep = ended_keep
+        self.ended_keep_s = float(ended_keep_s)
+        self._dropped = 0
         self.node = node
         self.mode = mode
         self.policy_version = policy_version
@@ -407,7 +418,7 @@ class State:
                 del self._pid_ep[pid]
         ep.pids.clear()
         ep.gpu.clear()
-        if self._n_ended > 2 * ENDED_KEEP_MAX:
+        if self._n_ended > 2 * self.ended_keep:
             self._prune(None)
 
     # ------------------------------------------------------------------ commands
@@ -443,7 +454,7 @@ class State:
         ended = [ep for ep in self._episodes.values() if ep.ended is not None]
         drop: list[_Episode] = []
         if now is not None:
-            horizon = now - ENDED_KEEP_S
+            horizon = now - self.ended_keep_s
             # kept ENDED_KEEP_S after the end or after the last record about it, whichever is later
             drop = [ep for ep in ended if max(ep.ended or 0.0, ep.last_event_ts) < horizon]
         if drop:
@@ -451,13 +462,14 @@ class State:
             keep = [ep for ep in ended if id(ep) not in dropped]
         else:
             keep = ended
-        if len(keep) > ENDED_KEEP_MAX:
+        if len(keep) > self.ended_keep:
             keep.sort(key=lambda e: max(e.ended or 0.0, e.last_event_ts))
-            drop.extend(keep[: len(keep) - ENDED_KEEP_MAX])
+            drop.extend(keep[: len(keep) - self.ended_keep])
         for ep in drop:
             if self._episodes.get(ep.id) is ep:
                 del self._episodes[ep.id]
                 self._n_ended -= 1
+                self._dropped += 1
                 self._pruned[ep.id] = None
         while len(self._pruned) > _PRUNED_MEMORY:
             del self._pruned[next(iter(self._pruned))]
@@ -545,6 +557,7 @@ class State:
                 "alerts_total": self._alerts_total,
                 "gpus": [dict(g) for g in self.gpus],
                 "gpu_status": self.gpu_status,
+                "retention": {"keep": self.ended_keep, "keep_s": self.ended_keep_s, "dropped": self._dropped},
             }
         episodes.sort(
             key=lambda e: (
