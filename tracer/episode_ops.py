@@ -106,7 +106,7 @@ def episode_status(tracker, ep: str) -> dict[str, Any]:
     start handshake of `episode run` / run_episode (docs/scale.md). Read from
     the control thread: single dict lookups of the loop thread's state."""
     e = tracker.episodes.get(ep)
-    if e is not None and not e.ended:
+    if e is not None and not e.ended and e.kernel:
         return {"ok": True, "episode": ep, "state": "registered", "slot": e.slot}
     if ep in tracker.refused:
         s = tracker.slots

@@ -54,6 +54,7 @@ class Episode:
     root_pid: int | None = None
     started: float = 0.0
     ended: bool = False
+    kernel: bool = False  # its identity and cgroups are in the kernel maps (Runtime._sync_kernel)
 
 
 class CgroupRegistry:
@@ -214,7 +215,7 @@ class Tracker:
                     "max_episodes": self.slots.capacity}
         self.episodes[ep] = Episode(ep, source, slot, cgroup_path, set(ids or ()), root_pid, now)
         return {"type": "episode_start", "ts": now, "episode": ep, "source": source,
-                "cgroup_path": cgroup_path, "root_pid": root_pid}
+                "cgroup_path": cgroup_path, "root_pid": root_pid, "slot": slot}
 
     def _end(self, ep: str, now: float, reason: str, exit_code: int | None = None) -> dict[str, Any]:
         e = self.episodes.get(ep)

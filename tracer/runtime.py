@@ -190,9 +190,12 @@ class Runtime:
                 # the identity's mask before the cgroups that name it
                 if self.engine_slot_hook:
                     self.engine_slot_hook(e)
+                ok = True
                 for cg in e.cgroup_ids:
                     if not self.probes.add_episode_cgroup(cg, e.slot):
+                        ok = False
                         self._fail_closed(rec["episode"], "episode_cgroups map full")
+                e.kernel = ok
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
