@@ -220,11 +220,17 @@ N_CONCURRENT = 256
 ROUNDS = 3
 
 
-def _round(t, listener, tag, cleanup):
+def _round(t, listener, tag, cleanup, lagging=False):
+    """256 episodes at once, each execs /bin/true and connects once. With
+    `lagging`, the tracer's loop is not running: the records wait in the
+    ring buffer until every episode has ended and its cgroup is gone, then
+    are drained with a directory scan after every 32nd episode start (what
+    the periodic scan does when the loop lags behind the kernel)."""
     from tracer.api import run_episode
 
     eps = [f"c{tag}-{i}" for i in range(N_CONCURRENT)]
     cleanup.extend(eps)
+    base = len(t.sink.records)  # the earlier rounds ended before this one starts
     errors: list[BaseException] = []
     gate = threading.Barrier(N_CONCURRENT)
 
@@ -245,9 +251,26 @@ def _round(t, listener, tag, cleanup):
         th.join(timeout=120)
     assert not errors, errors[:3]
     want = set(eps)
+    if lagging:
+        rt = t.rt
+        seen = [0]
+
+        def scan_midway(rec):
+            if rec["type"] == "episode_start" and rec["episode"] in want:
+                seen[0] += 1
+                if seen[0] % 32 == 0:
+                    for r in rt.tracker.scan_cgroups(time.time()):
+                        rt.pipeline.emit(r)
+
+        rt.pipeline.observers.append(scan_midway)
+        try:
+            rt.drain()
+        finally:
+            rt.pipeline.observers.remove(scan_midway)
+        assert seen[0] >= N_CONCURRENT // 2
     assert wait_for(lambda: want <= {r["episode"] for r in t.find(type="episode_end")}, timeout=90), \
         len(want - {r["episode"] for r in t.find(type="episode_end")})
-    recs = t.records
+    recs = t.records[base:]
     starts: dict[str, int] = {}
     for r in recs:
         if r["type"] == "episode_start" and r["episode"] in want:
@@ -280,3 +303,9 @@ def test_concurrent_starts_attribute_every_record(live_tracer, listener, cleanup
         _round(t, listener, f"{uuid.uuid4().hex[:5]}{n}", cleanup_episodes)
     assert t.rt.lost_total() == 0
     assert not [r for r in t.records if r["type"] == "lost"]
+
+
+def test_lagging_tracer_scan_never_ends_an_episode_before_its_records(live_tracer, listener, cleanup_episodes):
+    t = live_tracer().start(loop=False)
+    _round(t, listener, f"{uuid.uuid4().hex[:5]}l", cleanup_episodes, lagging=True)
+    assert t.rt.lost_total() == 0
