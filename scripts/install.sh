@@ -80,6 +80,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 log "installing agent-tracer (editable) and its Python dependencies into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# editable_mode=compat: a plain path in a .pth file, no import hook to load at
+# every interpreter start (half of `python -c pass` in the venv otherwise;
+# `episode run` starts once per rollout, docs/scale.md)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 .venv/bin/python -c 'import bcc, tracer' || die "bcc or tracer not importable from .venv"
 log "done: .venv/bin/agent-tracer doctor"

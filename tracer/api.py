@@ -19,16 +19,18 @@ import os
 import signal
 import subprocess
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import orjson
+from typing import TYPE_CHECKING
 
 from . import cgroups
 from .ids import check_episode_id
 from .paths import CONTROL_SOCKET, RUN_DIR
+
+if TYPE_CHECKING:
+    from typing import Any, Sequence
+
+# imports kept to what starting an episode needs (no dataclasses, typing or
+# orjson until used): `episode run` is started once per rollout
 
 POLICY_KILLED_EXIT = 86  # `episode run` exit code when policy killed the episode
 VERDICT_DIR = RUN_DIR / "verdicts"
@@ -40,15 +42,27 @@ class EpisodeError(RuntimeError):
     pass
 
 
-@dataclass
 class EpisodeResult:
-    episode: str
-    exit_code: int | None
-    signal: int | None
-    killed_by_policy: bool
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    duration_s: float = 0.0
-    gpu: dict[str, Any] | None = None  # latest gpu_total record of the episode
+    """What run_episode returns. gpu: the latest gpu_total record of the episode."""
+
+    __slots__ = ("episode", "exit_code", "signal", "killed_by_policy", "alerts", "duration_s", "gpu")
+
+    def __init__(self, episode: str, exit_code: int | None, signal: int | None, killed_by_policy: bool,
+                 alerts: list[dict[str, Any]] | None = None, duration_s: float = 0.0,
+                 gpu: dict[str, Any] | None = None):
+        self.episode, self.exit_code, self.signal = episode, exit_code, signal
+        self.killed_by_policy = killed_by_policy
+        self.alerts = [] if alerts is None else alerts
+        self.duration_s, self.gpu = duration_s, gpu
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EpisodeResult) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return "EpisodeResult(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     @property
     def cli_exit_code(self) -> int:
@@ -59,6 +73,8 @@ class EpisodeResult:
         return self.exit_code or 0
 
     def summary(self) -> dict[str, Any]:
+        from collections import Counter
+
         actions = Counter(a.get("action") for a in self.alerts)
         enforced = Counter(a.get("action") for a in self.alerts if a.get("enforced"))
         rules = Counter(a.get("rule") for a in self.alerts)
@@ -87,6 +103,8 @@ def _verdict_lines(episode: str, verdict_dir: Path) -> list[dict[str, Any]]:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    import orjson
+
     return [orjson.loads(line) for line in data.splitlines() if line.strip()]
 
 
@@ -132,6 +150,8 @@ def await_registration(episode: str, control_socket: str | os.PathLike[str] | No
             sock.connect(os.fspath(control_socket))
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             return "no tracer"
+        import orjson
+
         req = orjson.dumps({"op": "episode", "cmd": "status", "id": episode}) + b"\n"
         deadline = time.monotonic() + timeout
         buf = b""
@@ -258,5 +278,7 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     res = EpisodeResult(episode, code, sig, _killed_by_policy(alerts, proc.pid, sig), alerts,
                         time.monotonic() - t0, read_gpu_total(episode, verdict_dir))
     if verdict_file is not None:
+        import orjson
+
         Path(verdict_file).write_bytes(orjson.dumps(res.summary(), option=orjson.OPT_INDENT_2))
     return res

@@ -19,6 +19,11 @@ Sections (each can be run alone with --only):
               denied connect -> EPERM, against the same connect untraced.
   resources   startup time to `ready`, resident memory and CPU at idle (and
               under load, from the throughput steps).
+  scale       episodes started per second (CLI and API), the CLI start
+              against a bare python3, tracer RSS against the number of ended
+              episodes, gate hold p99 and drain rate with 1, 64 and 512
+              concurrent episodes, a long run of short API episodes across
+              the identity wrap (tracer/bench_scale.py).
 
 The measurement logic (statistics, ramp search, target checks, report
 writing) is pure and unit-tested (tests/test_bench.py); everything live runs
@@ -425,6 +430,10 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[A
         if rs.get("peak_rss_mb") is not None:
             rows.append(["peak RSS MB (VmHWM)", rs["peak_rss_mb"], None, None, None])
         out.append(("Startup and resources", ["what", "median / value", "min", "max", "n"], rows))
+    if results.get("scale"):
+        from .bench_scale import scale_tables
+
+        out.extend(scale_tables(results["scale"]))
     tg = results.get("targets")
     if tg:
         out.append(("Targets", ["target", "goal", "measured", "met"],
@@ -740,8 +749,9 @@ class TracerProc:
     """`agent-tracer run` as a subprocess logging into a LogReader FIFO."""
 
     def __init__(self, work: Path, policy_dirs: Sequence[Path], scope_all: bool = False,
-                 cpus: str | None = None, profile_out: Path | None = None):
+                 cpus: str | None = None, profile_out: Path | None = None, extra_args: Sequence[str] = ()):
         self.work, self.policy_dirs, self.scope_all = work, list(policy_dirs), scope_all
+        self.extra_args = list(extra_args)
         self.cpus, self.profile_out = cpus, profile_out
         self.proc: subprocess.Popen | None = None
         self.reader: LogReader | None = None
@@ -755,12 +765,14 @@ class TracerProc:
         py = [sys.executable]
         if self.profile_out is not None:
             py += ["-m", "cProfile", "-o", str(self.profile_out)]
+        self.control_socket = self.work / f"ctl-{tag}.sock"
         cmd = py + ["-m", "tracer.cli", "run", "--no-dashboard", "--log", str(self.reader.path),
-                    "--control-socket", str(self.work / f"ctl-{tag}.sock")]
+                    "--control-socket", str(self.control_socket)]
         for d in self.policy_dirs:
             cmd += ["--policy-dir", str(d)]
         if self.scope_all:
             cmd.append("--all")
+        cmd += self.extra_args
         if self.cpus is not None:
             cmd = ["taskset", "-c", self.cpus] + cmd
         t0 = time.monotonic()
@@ -1027,6 +1039,7 @@ class Section(str, enum.Enum):
     throughput = "throughput"
     latency = "latency"
     resources = "resources"
+    scale = "scale"
 
 
 class Compare(str, enum.Enum):
@@ -1319,6 +1332,11 @@ class Bench:
         return {"rate": rate, "events": step.drained, "lost": step.lost,
                 "us_per_event_total": (drain[0]["cumtime_s"] / events * 1e6) if drain else None,
                 "functions": rows[:60], "note": "cProfile roughly doubles Python call costs; compare shares"}
+
+    def section_scale(self) -> dict[str, Any]:
+        from .bench_scale import run_scale
+
+        return run_scale(self)
 
     # --------------------------------------------------------------- latency
     def section_latency(self) -> dict[str, Any]:

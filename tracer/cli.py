@@ -97,8 +97,10 @@ def main(verbose: int) -> None:
               help="Ended episodes the live view (top, episode list) keeps; older ones are dropped from view.")
 @click.option("--ended-keep-s", default=600.0, show_default=True, type=click.FloatRange(0, 7 * 86400),
               help="Seconds an ended episode stays in the live view.")
+@click.option("--slot-start-gen", default=0, type=click.IntRange(0, 2047), hidden=True,
+              help="First generation of every episode identity (tests and bench: cross the wrap quickly).")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s) -> None:
+        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s, slot_start_gen) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -119,6 +121,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
         gpu_interval=gpu_interval, max_episodes=max_episodes, ended_keep=ended_keep, ended_keep_s=ended_keep_s,
+        slot_start_gen=slot_start_gen,
     )
     rt = Runtime(opts)
     try:
