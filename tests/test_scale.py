@@ -279,3 +279,60 @@ def test_the_lazy_commands_are_still_there():
     for name in ("bench", "policy", "top", "episode", "run", "doctor", "replay"):
         assert name in res.output
     assert CliRunner().invoke(main, ["policy", "--help"]).exit_code == 0
+
+
+ENTRY_IMPORTS = f"""
+import sys
+import tracer.api as api
+class R:
+    killed_by_policy = False
+    cli_exit_code = 0
+seen = []
+api.run_episode = lambda *a, **k: seen.append((a, k)) or R()
+from tracer.entry import main
+sys.argv = ["agent-tracer", "episode", "run", "--id", "x", "--timeout", "5", "--", "/bin/true", "-v"]
+try:
+    main()
+except SystemExit as e:
+    assert e.code == 0, e.code
+assert seen and seen[0][0] == ("x", ["/bin/true", "-v"]) and seen[0][1]["timeout"] == 5.0, seen
+heavy = {HEAVY + ("click", "dataclasses", "orjson")!r}
+print(sorted(m for m in sys.modules if m.startswith(heavy)))
+"""
+
+
+def test_the_console_script_starts_an_episode_without_click():
+    p = subprocess.run([sys.executable, "-c", ENTRY_IMPORTS], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--id", "x", "--", "/bin/true"], {"episode_id": "x", "command": ["/bin/true"]}),
+    (["--id=x", "--timeout", "2.5", "--gpu", "--keep-stragglers", "ls", "-l"],
+     {"episode_id": "x", "timeout": 2.5, "gpu": True, "keep_stragglers": True, "command": ["ls", "-l"]}),
+    (["--verdict-file", "/tmp/v.json", "--id", "y", "sh", "--", "-c"],
+     {"episode_id": "y", "verdict_file": "/tmp/v.json", "command": ["sh", "--", "-c"]}),
+    (["--help"], None), (["-h", "--id", "x", "true"], None), (["--id", "x"], None), (["--", "true"], None),
+    (["--bogus", "--id", "x", "true"], None), (["--timeout", "soon", "--id", "x", "true"], None), (["--id"], None),
+])
+def test_the_fast_parser_takes_exactly_what_click_would_or_leaves_it_to_click(args, want):
+    from tracer.entry import parse_episode_run
+
+    got = parse_episode_run(args)
+    if want is None:
+        assert got is None
+    else:
+        assert {k: got[k] for k in want} == want
+
+
+def test_click_and_the_fast_path_refuse_a_bad_id_alike():
+    cli = [str(ROOT / ".venv/bin/agent-tracer")]
+    if not Path(cli[0]).exists():
+        pytest.skip("the console script is installed by scripts/install.sh")
+    fast = subprocess.run(cli + ["episode", "run", "--id", "../x", "--", "/bin/true"], capture_output=True, text=True,
+                          timeout=60)
+    slow = subprocess.run([sys.executable, "-m", "tracer.cli", "episode", "run", "--id", "../x", "--", "/bin/true"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert fast.returncode == slow.returncode == 1
+    assert "invalid episode id '../x'" in fast.stderr and "invalid episode id '../x'" in slow.stderr
