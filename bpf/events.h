@@ -94,7 +94,8 @@ enum at_counter {
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
 	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
-	AT_CNT_MAP_FULL = 22,     /* an update of tracked or exec_pending failed (map full) */
+	AT_CNT_MAP_FULL = 22,     /* a kernel map update failed (full): tracked, exec_pending,
+				     gated, sock_pending, thread_clones (docs/scale.md) */
 	AT_CNT_SLOT_STALE = 23,   /* a deny decision for an identity without its own mask
 				     (ended episode's leftover, or not written yet): the
 				     rules of every episode applied */

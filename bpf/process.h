@@ -23,7 +23,8 @@ TRACEPOINT_PROBE(task, task_newtask)
 		return 0;
 	u32 child = args->pid;
 	u8 one = 1;
-	thread_clones.update(&child, &one);
+	if (thread_clones.update(&child, &one))
+		count(AT_CNT_MAP_FULL);
 	return 0;
 }
 
@@ -226,10 +227,17 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		flags |= AT_EXEC_KILLED;
 	} else if (exec_gate(scoped, tgid, &ck)) {
 		u32 held = 1;
-		gated.update(&tgid, &held);
-		bpf_send_signal(AT_SIGSTOP);
-		count(AT_CNT_GATED);
-		flags |= AT_EXEC_GATED;
+		if (gated.update(&tgid, &held)) {
+			/* gate map full: user space could never continue it, so the
+			 * exec does not run at all (counted; fail closed) */
+			bpf_send_signal(AT_SIGKILL);
+			count(AT_CNT_MAP_FULL);
+			flags |= AT_EXEC_KILLED;
+		} else {
+			bpf_send_signal(AT_SIGSTOP);
+			count(AT_CNT_GATED);
+			flags |= AT_EXEC_GATED;
+		}
 	}
 	if (!p) {
 		/* out of scope: reported only when killed or gated (scope = "all"
