@@ -336,3 +336,22 @@ def test_click_and_the_fast_path_refuse_a_bad_id_alike():
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert fast.returncode == slow.returncode == 1
     assert "invalid episode id '../x'" in fast.stderr and "invalid episode id '../x'" in slow.stderr
+
+
+def test_bench_scale_slope_and_tables():
+    from tracer.bench_scale import scale_tables, slope_per_1000
+
+    assert slope_per_1000([(0, 100.0), (1000, 101.0), (2000, 102.0)]) == pytest.approx(1.0)
+    assert slope_per_1000([(0, 5.0), (10_000, 5.0)]) == 0
+    assert slope_per_1000([(0, 1.0)]) is None and slope_per_1000([(3, 1.0), (3, 2.0)]) is None
+    sc = {"start": {"cli": {"python3 -c pass": {"median_ms": 15.0, "n": 5}, "ratio_to_python3": 4.0,
+                            "episodes_per_s": 15.0},
+                    "api": {"run_episode_median_ms": 8.0, "subprocess_median_ms": 1.0, "overhead_ms": 7.0,
+                            "episodes_per_s": 125.0, "n": 10}},
+          "concurrent": [{"episodes": 64, "offered_per_s": 20000, "produced": 1, "drained": 1, "lost": 0,
+                          "drain_per_s": 1.0, "gate_hold": {"p50_ms": 1.0, "p99_ms": 2.0, "gated": 3}}],
+          "long": {"episodes": 3, "failed": 0, "starts": 3, "ends": 3, "refused": 0, "episodes_per_s": 100.0,
+                   "max_episodes": 16, "start_gen": 2040, "identity_wraps": 0, "lost": 0,
+                   "rss_mb": [(0, 10.0), (3, 10.5)], "rss_slope_mb_per_1000": 1.0}}
+    titles = [t for t, _h, _r in scale_tables(sc)]
+    assert len(titles) == 3 and all(t.startswith("Scale:") for t in titles)
