@@ -226,8 +226,8 @@ def _kernel_line(snap: dict[str, Any], width: int) -> Text:
     """What the kernel is doing: programs attached, holds per second, held right now, policy reload."""
     sep = (" │ ", "dim")
     progs = [str(p) for p in (snap.get("programs") or [])]
-    n_tp = sum(1 for p in progs if p.startswith("tracepoint:"))
-    n_cg = len(progs) - n_tp
+    n_cg = sum(1 for p in progs if p.startswith("cgroup"))
+    n_tp = len(progs) - n_cg
     holds = snap.get("holds_per_s") or {}
     held = int(snap.get("held_now") or 0)
     parts: list[Any] = [("kernel ", "dim")]

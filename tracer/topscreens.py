@@ -197,7 +197,12 @@ def _alert_rows(alerts: list[dict[str, Any]], mode: str, width: int) -> list[Tex
         line.append(SEVERITY_LABELS.get(sev, sev.upper()[:4]).ljust(4) + " ", style="bold")
         line.append(str(a.get("rule") or "?") + " ")
         line.append_text(_action_text(a, mode))
-        d = _alert_detail(a)
+        matched = a.get("matched")
+        if isinstance(matched, dict) and matched:        # what matched first: it is why the alert is here
+            line.append("  " + " ".join(f"{k}={v}" for k, v in matched.items()), style="bold")
+        elif matched:
+            line.append(f"  {matched}", style="bold")
+        d = _alert_detail(dict(a, matched=None))
         if d:
             line.append("  " + d, style="dim" if sev != "critical" else "")
         line.truncate(width, overflow="ellipsis")
@@ -251,7 +256,6 @@ def render_detail(snap: dict[str, Any], view: View, detail: dict[str, Any] | Non
     info = _line(
         (f" Episode {ep} ", "bold reverse"), " ", (state, STATE_STYLES.get(state, "bold")),
         ("  source ", "dim"), str(detail.get("source") or "?"),
-        ("  cgroup ", "dim") if detail.get("cgroup_path") else "", str(detail.get("cgroup_path") or ""),
         ("  root pid ", "dim"), str(detail.get("root_pid") or "-"),
         ("  age ", "dim"), fmt_duration(age),
         ("  CPU ", "dim"), f"{cpu:.0f}%" if isinstance(cpu, (int, float)) else "-",
@@ -260,7 +264,9 @@ def render_detail(snap: dict[str, Any], view: View, detail: dict[str, Any] | Non
         width=width,
     )
     top.append(info)
-    extra = []
+    extra: list[Any] = []
+    if detail.get("cgroup_path"):
+        extra += [("cgroup ", "dim"), str(detail["cgroup_path"]), "  "]
     if labels:
         extra += [("labels ", "dim"), " ".join(f"{k}={v}" for k, v in labels.items())]
     else:
