@@ -208,6 +208,13 @@ def test_top_console_keys_drive_the_tracer(tracer_proc, episode_id, second_episo
         assert rows and all(ln.startswith(calm) for ln in rows), screen
         _capture(tmux, f"main view filtered to {calm}, {bad} killed")
 
+        # resize: the console redraws for the new size (80x24: the compact footer), and back
+        tmux.run("resize-window", "-t", tmux.name, "-x", "80", "-y", "24")
+        screen = tmux.wait_screen("⏎ detail", calm)
+        assert "⏎ detail" in screen and max(len(ln) for ln in screen.splitlines()) <= 80, screen
+        tmux.run("resize-window", "-t", tmux.name, "-x", str(COLS), "-y", str(ROWS))
+        tmux.wait_screen("Enter detail")
+
         # the tracer goes away: top says so and keeps retrying instead of crashing; keys still work
         t["proc"].send_signal(signal.SIGINT)
         t["proc"].wait(timeout=30)

@@ -231,6 +231,18 @@ def _kernel_line(snap: dict[str, Any], width: int) -> Text:
     holds = snap.get("holds_per_s") or {}
     held = int(snap.get("held_now") or 0)
     parts: list[Any] = [("kernel ", "dim")]
+    if width < 100:                                  # 80 columns: the same facts, shorter
+        reload = snap.get("reload")
+        if isinstance(reload, dict) and reload.get("status") == "refused":
+            rel = ("reload REFUSED", "bold red")
+        elif isinstance(reload, dict):
+            rel = (f"reloaded {fmt_clock(reload.get('ts'))}", "green")
+        else:
+            rel = ("policy: as started", "dim")
+        return _line(("kernel ", "dim"), (f"{len(progs)} progs", "bold"), sep,
+                     ("gate ", "dim"), f"{fmt_count(holds.get('gated') or 0)}/s",
+                     (" wire ", "dim"), f"{fmt_count(holds.get('wire_held') or 0)}/s", sep,
+                     (f"HELD NOW {held}", "bold yellow") if held else ("held 0", "dim"), sep, rel, width=width)
     if progs:
         parts.append((f"{len(progs)} programs", "bold"))
         parts.append((f" ({n_tp} tracepoints, {n_cg} cgroup)" if width >= 100 else "", "dim"))
@@ -249,6 +261,14 @@ def _kernel_line(snap: dict[str, Any], width: int) -> Text:
         parts.append((f"policy reloaded {fmt_clock(reload.get('ts'))}", "green"))
     else:
         parts.append(("policy as loaded at start", "dim"))
+    selftest = snap.get("selftest") or {}
+    if width >= SIDE_BY_SIDE_WIDTH and selftest:     # wide: every enforcement path the self-test proved
+        parts.append(sep)
+        parts.append(("paths ", "dim"))
+        for i, (k, v) in enumerate(selftest.items()):
+            ok = str(v).startswith("ok")
+            parts.append((("" if not i else " ") + k + (" ✓" if ok else " ✗"),
+                          "green" if ok else ("yellow" if str(v).startswith("skipped") else "bold red")))
     return _line(*parts, width=width)
 
 
@@ -461,7 +481,10 @@ def _episode_section(snap: dict[str, Any], width: int, height: int, view: Any = 
             if key == "id":
                 cell = Text(str(e.get("id")), style="dim" if ended else "bold")
             elif key == "state":
-                cell = Text(state, style=STATE_STYLES.get(state, ""))
+                if e.get("held"):                    # a gated exec or held flow awaits its verdict
+                    cell = Text("HELD", style="bold black on yellow")
+                else:
+                    cell = Text(state, style=STATE_STYLES.get(state, ""))
             elif key == "procs":
                 cell = Text(fmt_count(e.get("processes") or 0))
             elif key == "execs":

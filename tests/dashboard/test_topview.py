@@ -218,7 +218,8 @@ def test_main_screen_with_view(snap: dict[str, Any], width: int, height: int) ->
     assert len(lines) == height                              # the whole terminal, footer on the last line
     assert "f freeze" in lines[-1] and "q quit" in lines[-1] and "K kill" in lines[-1]
     assert "sort: recent alerts" in text
-    assert "kernel 5 programs" in text and "HELD NOW 1" in text
+    assert ("kernel 5 programs" in text or "kernel 5 progs" in text) and "HELD NOW 1" in text
+    assert "HELD" in next(ln for ln in text.splitlines() if ln.startswith("agent-zeta-0003"))   # in its row too
     # the selected row is highlighted (reverse), the others not
     rows = [(t, segs) for t, segs in styled_lines(render(snap, width, height, v), width, height)
             if "rollout-7f3a-0001" in t and "running" in t]
@@ -313,3 +314,20 @@ def test_every_screen_fits(snap: dict[str, Any], width: int, height: int) -> Non
     for ks in ((), ("enter",), ("a", "enter"), ("?",), ("K",), ("/", "z"), ("p",)):
         v, _ = keys(base, snap, *ks)
         to_text(render(snap, width, height, v, detail), width, height)
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_kernel_strip(width: int, height: int) -> None:
+    st = rich_state()
+    st.observe({"type": "stats", "ts": T0 + 8, "episode": None, "counters": {"gated": 4, "wire_held": 0}})
+    st.observe({"type": "stats", "ts": T0 + 9, "episode": None, "counters": {"gated": 9, "wire_held": 2}})
+    st.observe({"type": "policy_error", "ts": T0 + 9.5, "episode": None, "kept_version": "a1b2c3d",
+                "errors": ["x.toml: rule 'r': unknown key 'matchh'"]})
+    snap = st.snapshot(now=T0 + 10)
+    line = next(ln for ln in to_text(render(snap, width, height), width, height).splitlines()
+                if ln.startswith("kernel "))
+    assert "5 prog" in line and "5/s" in line and "2/s" in line and "HELD NOW 1" in line
+    assert "REFUSED" in line
+    if width >= 160:
+        assert "4 tracepoints, 1 cgroup" in line and "kept a1b2c3d: x.toml: rule 'r'" in line
+        assert "paths connect4 ✓" in line
