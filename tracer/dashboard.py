@@ -386,6 +386,7 @@ _EP_COLUMNS: tuple[tuple[str, str, int, str, int], ...] = (
     ("execs", "EXECS", 6, "right", 5),
     ("connects", "CONNS", 6, "right", 4),
     ("alerts", "ALERTS", 6, "right", 0),
+    ("cpu", "CPU%", 5, "right", 3),
     ("gpu_mem", "GPU MEM", 7, "right", 3),
     ("gpu_util", "GPU%", 4, "right", 6),
     ("age", "AGE", 6, "right", 1),
@@ -393,8 +394,9 @@ _EP_COLUMNS: tuple[tuple[str, str, int, str, int], ...] = (
 _ID_MIN, _ID_MAX = 10, 40
 
 
-def _episode_columns(width: int, id_len: int, with_gpu: bool) -> tuple[list[tuple[str, str, int, str, int]], int]:
-    cols = [c for c in _EP_COLUMNS if with_gpu or not c[0].startswith("gpu_")]
+def _episode_columns(width: int, id_len: int, with_gpu: bool,
+                     with_cpu: bool = False) -> tuple[list[tuple[str, str, int, str, int]], int]:
+    cols = [c for c in _EP_COLUMNS if (with_gpu or not c[0].startswith("gpu_")) and (with_cpu or c[0] != "cpu")]
     id_w = min(max(id_len, _ID_MIN), _ID_MAX)
 
     def total(cs: list[tuple[str, str, int, str, int]], idw: int) -> int:
@@ -465,7 +467,8 @@ def _episode_section(snap: dict[str, Any], width: int, height: int, view: Any = 
 
     with_gpu = bool(snap.get("gpus")) or any(e.get("gpu_mem_mib") is not None for e in episodes)
     id_len = max((len(str(e.get("id"))) for e in shown), default=8)
-    cols, id_w = _episode_columns(width, id_len, with_gpu)
+    with_cpu = any(e.get("cpu_pct") is not None for e in episodes)   # measured by the tracer (tracer/cpu.py)
+    cols, id_w = _episode_columns(width, id_len, with_gpu, with_cpu)
     table = Table(
         box=None, padding=(0, 1), pad_edge=False, show_edge=False, expand=False,
         header_style="bold", show_header=True, collapse_padding=False,
@@ -494,6 +497,9 @@ def _episode_section(snap: dict[str, Any], width: int, height: int, view: Any = 
             elif key == "alerts":
                 n = e.get("alerts") or 0
                 cell = Text(fmt_count(n), style="bold red" if n and not ended else ("red" if n else "dim"))
+            elif key == "cpu":
+                c = e.get("cpu_pct")
+                cell = Text(f"{c:.0f}" if isinstance(c, (int, float)) else "-", style="" if c is not None else "dim")
             elif key == "gpu_mem":
                 mem = e.get("gpu_mem_mib")
                 cell = Text(fmt_mib(mem), style="" if mem is not None else "dim")

@@ -139,6 +139,14 @@ def test_sort_cycles_alerts_age_cpu_events(snap: dict[str, Any]) -> None:
     assert order["alerts"] == ["agent-zeta-0003", "rollout-7f3a-0001", "coder-sbx-0002"]
     assert order["age"] == ["rollout-7f3a-0001", "coder-sbx-0002", "agent-zeta-0003"]     # oldest first
     assert order["cpu"][0] == "rollout-7f3a-0001" and order["cpu"][-1] == "coder-sbx-0002"
+    # the CPU column appears once the tracer measured CPU (tracer/cpu.py), at both sizes
+    for w, h in SIZES:
+        v2 = dataclasses.replace(v, sort="cpu")
+        text = to_text(render(snap, w, h, v2), w, h)
+        header = next(ln for ln in text.splitlines() if ln.startswith("EPISODE"))
+        assert "CPU%" in header
+        row = next(ln for ln in text.splitlines() if ln.startswith("rollout-7f3a-0001"))
+        assert " 90 " in row
     ev = {e["id"]: e["events"] for e in eps}
     assert [ev[i] for i in order["events"]] == sorted(ev.values(), reverse=True)
 
