@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ class ConsoleFeed:
         self._held: dict[int, float] = {}
         self._last_held = 0.0
         self.held_errors = 0
+        self._cpu_lock = threading.Lock()   # the control thread and the inline view both take snapshots
 
     # ------------------------------------------------------------ loop thread
     def poll_held(self) -> None:
@@ -56,7 +58,8 @@ class ConsoleFeed:
     def snapshot(self) -> dict[str, Any]:
         snap = self.state.snapshot()
         try:
-            pct = self.cpu.episodes(self.state.episode_members())
+            with self._cpu_lock:
+                pct = self.cpu.episodes(self.state.episode_members())
         except Exception:            # CPU is a nicety: never fail the snapshot for it
             pct = {}
         for e in snap.get("episodes", []):
@@ -70,7 +73,8 @@ class ConsoleFeed:
             return None
         live = [p["pid"] for p in d.get("processes", []) if p.get("state") != "exited"]
         try:
-            per = self.cpu.processes(live)
+            with self._cpu_lock:
+                per = self.cpu.processes(live)
         except Exception:
             per = {}
         for p in d.get("processes", []):
