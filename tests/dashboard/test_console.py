@@ -207,3 +207,52 @@ def test_run_console_drives_the_tracer(tmp_path: Path) -> None:
     assert not script.steps
     assert calls == [("freeze", "rollout-7f3a-0001"), ("thaw", "coder-sbx-0002"), ("kill", "rollout-7f3a-0001")]
     assert "4102" in con.export_text(clear=False)          # the detail view listed its processes
+
+
+def test_console_feed_held_and_cpu() -> None:
+    """ConsoleFeed between the tracer and State: the pids of the kernel's `gated`
+    map (read through probes.gated(), here a stand-in for the one BPF map read)
+    become "held right now" with the time first seen; canary pids are left out."""
+    import os
+    import types
+
+    from tracer import console_feed
+    from tracer.console_feed import ConsoleFeed
+
+    st = state_from("basic.jsonl")
+    gated: dict[int, int] = {}
+    probes = types.SimpleNamespace(gated=lambda: dict(gated))
+    rt = types.SimpleNamespace(probes=probes, pipeline=types.SimpleNamespace(engine=types.SimpleNamespace(canary_pids={77})))
+    feed = ConsoleFeed(rt, st)
+    console_feed.HELD_POLL_S = 0.0
+    try:
+        feed.poll_held()
+        assert st.snapshot()["held_now"] == 0
+        gated.update({4102: 1, 77: 1})
+        feed.poll_held()
+        snap = st.snapshot()
+        assert snap["held_now"] == 1
+        ep = next(e for e in snap["episodes"] if e["id"] == "rollout-7f3a-0001")
+        since = ep["held"][0]["since"]
+        assert ep["held"][0]["pid"] == 4102
+        feed.poll_held()                                   # still held: the first-seen time is kept
+        ep = next(e for e in st.snapshot()["episodes"] if e["id"] == "rollout-7f3a-0001")
+        assert ep["held"][0]["since"] == since
+        assert next(p for p in feed.detail("rollout-7f3a-0001")["processes"] if p["pid"] == 4102)["state"] == "held"
+        gated.clear()
+        feed.poll_held()
+        assert st.snapshot()["held_now"] == 0
+    finally:
+        console_feed.HELD_POLL_S = 0.2
+    # CPU of a running episode whose member is this test process (real /proc)
+    st.observe({"type": "exec", "ts": T0 + 9, "episode": "rollout-7f3a-0001", "pid": os.getpid(), "tid": os.getpid(),
+                "exe": "/usr/bin/python3"})
+    clock = [0.0]
+    feed.cpu = CpuSampler(min_interval=0.5, clock=lambda: clock[0])
+    feed.snapshot()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.2:
+        pass
+    clock[0] += 1.0
+    ep = next(e for e in feed.snapshot()["episodes"] if e["id"] == "rollout-7f3a-0001")
+    assert ep["cpu_pct"] is not None and ep["cpu_pct"] > 5
