@@ -256,3 +256,17 @@ def test_console_feed_held_and_cpu() -> None:
     clock[0] += 1.0
     ep = next(e for e in feed.snapshot()["episodes"] if e["id"] == "rollout-7f3a-0001")
     assert ep["cpu_pct"] is not None and ep["cpu_pct"] > 5
+
+
+def test_operator_kill_reaches_the_verdict_file(tmp_path: Path) -> None:
+    """An operator's kill (episode kill, top's K) is in the episode's verdict file,
+    which is how `episode run` knows to exit 86 (the live check: tests/test_top_tmux.py)."""
+    from tracer.api import _operator_killed, read_verdicts
+    from tracer.sinks import VerdictSink
+
+    sink = VerdictSink(tmp_path)
+    sink.write({"type": "episode_command", "ts": 1.0, "episode": "ep-1", "cmd": "freeze", "by": "operator"})
+    assert not _operator_killed("ep-1", tmp_path)
+    sink.write({"type": "episode_command", "ts": 2.0, "episode": "ep-1", "cmd": "kill", "by": "operator"})
+    assert _operator_killed("ep-1", tmp_path) and not _operator_killed("ep-2", tmp_path)
+    assert read_verdicts("ep-1", tmp_path) == []              # not counted as an alert
