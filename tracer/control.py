@@ -56,6 +56,7 @@ __all__ = [
     "TracerNotRunning",
     "ControlPermissionError",
     "ConnectionLost",
+    "Subscription",
     "EPISODE_COMMANDS",
 ]
 
@@ -728,6 +729,21 @@ class ControlClient:
         sock.settimeout(timeout)
         return self._stream(sock)
 
+    def subscription(self, interval: float = 1.0, alerts: bool = True,
+                     timeout: float | None = None) -> "Subscription":
+        """Like :meth:`subscribe`, as an object another thread can :meth:`Subscription.close`
+        to end a read that is waiting (``agent-tracer top`` reads it in a thread)."""
+        if timeout is None:
+            timeout = 3 * interval + 5.0
+        sock = self._connect(self.timeout)
+        try:
+            self._send(sock, {"op": "subscribe", "interval": interval, "alerts": alerts})
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(timeout)
+        return Subscription(self, sock)
+
     def _stream(self, sock: socket.socket) -> Iterator[dict]:
         try:
             yield from self._lines(sock)
@@ -748,3 +764,23 @@ class ControlClient:
             req["id"] = id
         req.update(extra)
         return self.request(req)
+
+
+class Subscription:
+    """An open subscription: iterate for messages; close() (from any thread) ends it."""
+
+    def __init__(self, client: ControlClient, sock: socket.socket) -> None:
+        self._client = client
+        self._sock = sock
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._client._lines(self._sock)
+        finally:
+            self._sock.close()
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)      # wakes a reader blocked in recv
+        except OSError:
+            pass

@@ -23,6 +23,7 @@ connects, GPU mem, procs, age, in that order) before the id is shortened.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import statistics
@@ -893,10 +894,11 @@ class TerminalKeys:
 class _Subscription(threading.Thread):
     """Reads the tracer's snapshot/alert stream into a queue; reconnects after `retry_s`."""
 
-    def __init__(self, client: Any, refresh: float, retry_s: float, out: Any, stop: threading.Event) -> None:
+    def __init__(self, client: Any, refresh: float, retry_s: float, out: Any) -> None:
         super().__init__(name="agent-tracer-top-subscription", daemon=True)
-        self.client, self.refresh, self.retry_s, self.out, self.stop = client, refresh, retry_s, out, stop
-        self.sock: Any = None
+        self.client, self.refresh, self.retry_s, self.out = client, refresh, retry_s, out
+        self.stop = threading.Event()
+        self.current: Any = None
 
     def run(self) -> None:
         from .control import ControlError
@@ -904,36 +906,29 @@ class _Subscription(threading.Thread):
         while not self.stop.is_set():
             detail = ""
             try:
-                sock = self.client._connect(self.client.timeout)
-                self.sock = sock
-                try:
-                    self.client._send(sock, {"op": "subscribe", "interval": self.refresh, "alerts": True})
-                    sock.settimeout(3 * self.refresh + 5.0)
-                    for msg in self.client._lines(sock):
-                        if self.stop.is_set():
-                            return
-                        self.out.put(("msg", msg))
-                finally:
-                    self.sock = None
-                    sock.close()
+                self.current = self.client.subscription(interval=self.refresh)
+                if self.stop.is_set():
+                    self.current.close()
+                for msg in self.current:
+                    if self.stop.is_set():
+                        return
+                    self.out.put(("msg", msg))
             except ControlError as exc:
                 detail = getattr(exc, "detail", "") or str(exc)
             except (OSError, ValueError) as exc:
                 detail = str(exc)
+            finally:
+                self.current = None
             if self.stop.is_set():
                 return
             self.out.put(("down", detail, time.monotonic() + self.retry_s))
             self.stop.wait(self.retry_s)
 
     def close(self) -> None:
-        import socket as _socket
-
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(_socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.stop.set()
+        cur = self.current
+        if cur is not None:
+            cur.close()
 
 
 def run_console(
@@ -963,7 +958,7 @@ def run_console(
     stop = stop_event or threading.Event()
     client = ControlClient(str(socket_path), timeout=5.0)
     inbox: queue.Queue = queue.Queue()
-    sub = _Subscription(client, refresh, retry_s, inbox, threading.Event())
+    sub = _Subscription(client, refresh, retry_s, inbox)
     view = View()
     snap: dict[str, Any] | None = None
     down: tuple[str, float] | None = None
@@ -1046,7 +1041,7 @@ def run_console(
                 elif dirty and snap is not None:
                     w, h = size
                     if view.page != max(1, h // 2):
-                        view = dataclasses_replace(view, page=max(1, h // 2))
+                        view = dataclasses.replace(view, page=max(1, h // 2))
                     screen.show(render(snap, w, h, view, detail))
                     dirty = False
                 for key in keys.read(min(0.1, refresh)):
@@ -1057,7 +1052,6 @@ def run_console(
     except KeyboardInterrupt:
         pass
     finally:
-        sub.stop.set()
         sub.close()
         if old_winch is not None:
             try:
@@ -1065,12 +1059,6 @@ def run_console(
             except (ValueError, OSError):
                 pass
     return 0
-
-
-def dataclasses_replace(obj: Any, **kw: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def run_inline(

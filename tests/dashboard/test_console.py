@@ -270,3 +270,59 @@ def test_operator_kill_reaches_the_verdict_file(tmp_path: Path) -> None:
     sink.write({"type": "episode_command", "ts": 2.0, "episode": "ep-1", "cmd": "kill", "by": "operator"})
     assert _operator_killed("ep-1", tmp_path) and not _operator_killed("ep-2", tmp_path)
     assert read_verdicts("ep-1", tmp_path) == []              # not counted as an alert
+
+
+class QueueKeys:
+    def __init__(self) -> None:
+        import queue
+
+        self.q: Any = queue.Queue()
+
+    def __enter__(self) -> "QueueKeys":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read(self, timeout: float) -> list[str]:
+        import queue
+
+        try:
+            return [self.q.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+
+
+def test_run_console_waits_reconnects_and_quits(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    con = Console(record=True, width=100, height=30, file=io.StringIO(), color_system=None, legacy_windows=False)
+    text = lambda: con.export_text(clear=False)                      # noqa: E731
+    keys = QueueKeys()
+    result: list[int] = []
+    th = threading.Thread(target=lambda: result.append(run_console(path, keys, refresh=0.1, console=con, retry_s=0.2)))
+    th.start()
+    srv = None
+    try:
+        assert _wait(lambda: "tracer not running at" in text())
+        st = state_from("basic.jsonl")
+        srv = _server(path, st, [])
+        assert _wait(lambda: "node gpu-node-07" in text())
+        srv.close()
+        assert _wait(lambda: text().rfind("tracer not running") > text().rfind("node gpu-node-07"))
+        keys.q.put("q")                                              # q works on the waiting screen too
+        th.join(timeout=20)
+    finally:
+        keys.q.put("q")
+        th.join(timeout=20)
+        if srv is not None:
+            srv.close()
+    assert result == [0] and not th.is_alive()
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
