@@ -9,7 +9,7 @@ Everything it keeps is bounded (per episode):
   :data:`EXITED_KEEP` most recent exited ones; at most :data:`PROC_MAX` in all
   (the oldest exited go first, then the oldest live ones, counted in
   ``procs_dropped``);
-* connections: the :data:`CONN_KEEP` most recent outbound connects (and
+* connections: the :data:`CONN_KEEP` most recently opened outbound connects (and
   ``deny`` records), with the protocol seen on them (``protocol`` records);
 * listeners: the live ones (a listener leaves with its process), at most
   :data:`LISTEN_KEEP`;
@@ -31,8 +31,8 @@ PROC_MAX = 512
 EXITED_KEEP = 64
 CONN_KEEP = 64
 LISTEN_KEEP = 64
-ALERT_KEEP = 50
-TAIL_KEEP = 100
+ALERT_KEEP = 32
+TAIL_KEEP = 64
 
 
 class _Proc:
@@ -56,12 +56,13 @@ class _Proc:
 class EpisodeDetail:
     """Bounded detail of one episode; fed by State, read by :meth:`view`."""
 
-    __slots__ = ("procs", "conns", "listeners", "alerts", "tail", "events", "procs_dropped",
+    __slots__ = ("procs", "exited", "conns", "listeners", "alerts", "tail", "events", "procs_dropped",
                  "labels", "cgroup_path", "root_pid", "held_pids", "exes")
 
     def __init__(self) -> None:
-        self.procs: OrderedDict[int, _Proc] = OrderedDict()
-        self.conns: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self.procs: dict[int, _Proc] = {}           # insertion ordered: the oldest first
+        self.exited: deque[int] = deque()           # pids in the order they exited (trimmed in O(1))
+        self.conns: dict[tuple[Any, ...], list[Any]] = {}        # insertion ordered: the oldest first
         self.listeners: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
         self.alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_KEEP)
         self.tail: deque[dict[str, Any]] = deque(maxlen=TAIL_KEEP)
@@ -83,33 +84,29 @@ class EpisodeDetail:
             fn(self, rec, ts)
 
     def _proc(self, pid: Any, ts: float) -> _Proc | None:
+        procs = self.procs
+        p = procs.get(pid)
+        if p is not None and p.ended is None:      # the common case: a live member
+            return p
         if not isinstance(pid, int) or isinstance(pid, bool):
             return None
-        p = self.procs.get(pid)
-        if p is None or p.ended is not None and ts > p.ended:
-            if p is not None:                      # pid reused after an exit
-                del self.procs[pid]
-            p = self.procs[pid] = _Proc(pid, ts)
-            if len(self.procs) > PROC_MAX:
-                self._trim()
+        if p is None or ts > p.ended:              # new, or the pid reused after an exit
+            if p is not None:
+                del procs[pid]
+            p = procs[pid] = _Proc(pid, ts)
+            if len(procs) > PROC_MAX:              # exited ones are at most EXITED_KEEP: drop the oldest
+                oldest = next(iter(procs))
+                del procs[oldest]
+                self.procs_dropped += 1
         return p
 
-    def _trim(self) -> None:
-        exited = [pid for pid, p in self.procs.items() if p.ended is not None]
-        over = len(self.procs) - PROC_MAX
-        for pid in exited[:over]:
-            del self.procs[pid]
-            self.procs_dropped += 1
-            over -= 1
-        while over > 0:
-            self.procs.popitem(last=False)
-            self.procs_dropped += 1
-            over -= 1
-
     def _trim_exited(self) -> None:
-        exited = [pid for pid, p in self.procs.items() if p.ended is not None]
-        for pid in exited[: max(0, len(exited) - EXITED_KEEP)]:
-            del self.procs[pid]
+        exited, procs = self.exited, self.procs
+        while len(exited) > EXITED_KEEP:
+            pid = exited.popleft()
+            p = procs.get(pid)
+            if p is not None and p.ended is not None:
+                del procs[pid]
 
     def _on_start(self, rec: dict[str, Any], ts: float) -> None:
         if rec.get("cgroup_path"):
@@ -136,15 +133,16 @@ class EpisodeDetail:
         if isinstance(rec.get("ppid"), int) and p.ppid is None:
             p.ppid = rec["ppid"]
         exe = rec.get("exe") or rec.get("filename")
-        if exe:
-            p.exe = str(exe)
+        if exe and exe != p.exe:
+            p.exe = exe
             if len(self.exes) < 16:
-                self.exes[p.exe.rsplit("/", 1)[-1]] = None
+                self.exes[str(exe).rsplit("/", 1)[-1]] = None
         argv = rec.get("argv")
-        if isinstance(argv, list):
-            p.argv = [str(a) for a in argv]
-        if rec.get("comm"):
-            p.comm = str(rec["comm"])
+        if argv is not None:
+            p.argv = argv                          # the record's own list: records are not changed after emit
+        comm = rec.get("comm")
+        if comm:
+            p.comm = comm
         if rec.get("gated") and not rec.get("killed_in_kernel"):
             p.hold = {"kind": "exec", "what": f"gated exec {p.exe or '?'}", "ts": ts}
 
@@ -155,58 +153,70 @@ class EpisodeDetail:
         p = self.procs.get(pid) if isinstance(pid, int) else None
         if p is None:
             return
+        if p.ended is not None:
+            return
         p.ended = ts
         p.code = rec.get("code")
         p.signal = rec.get("signal")
-        p.gpu.clear()
-        self.held_pids.pop(pid, None)
-        for key in [k for k, v in self.listeners.items() if v.get("pid") == pid]:
-            del self.listeners[key]
+        if p.gpu:
+            p.gpu.clear()
+        if self.held_pids:
+            self.held_pids.pop(pid, None)
+        if self.listeners:
+            for key in [k for k, v in self.listeners.items() if v.get("pid") == pid]:
+                del self.listeners[key]
+        self.exited.append(pid)
         self._trim_exited()
 
     def _on_end(self, rec: dict[str, Any], ts: float) -> None:
         for p in self.procs.values():
             if p.ended is None:
                 p.ended = ts
+                self.exited.append(p.pid)
             p.gpu.clear()
         self.listeners.clear()
         self.held_pids.clear()
         self._trim_exited()
 
-    def _conn_entry(self, rec: dict[str, Any], ts: float) -> dict[str, Any]:
-        key = (rec.get("pid"), rec.get("fd"), rec.get("addr"), rec.get("port"), rec.get("path"))
-        entry = self.conns.get(key)
+    # a connection is kept as [the record that opened it, what later records added (or None)]:
+    # nothing is copied on the hot path; view() builds the dicts
+    def _conn_entry(self, rec: dict[str, Any], fd: Any) -> list[Any]:
+        g = rec.get
+        key = (g("pid"), fd, g("addr"), g("port"), g("path"))
+        conns = self.conns
+        entry = conns.get(key)
         if entry is None:
-            entry = self.conns[key] = {
-                "ts": ts, "pid": rec.get("pid"), "fd": rec.get("fd"), "family": rec.get("family"),
-                "addr": rec.get("addr"), "port": rec.get("port"), "path": rec.get("path"),
-                "result": None, "protocol": None, "sni": None, "held": False, "denied": False,
-                "preexisting": bool(rec.get("preexisting")), "exe": rec.get("exe"),
-            }
-            while len(self.conns) > CONN_KEEP:
-                self.conns.popitem(last=False)
-        else:
-            self.conns.move_to_end(key)
+            entry = conns[key] = [rec, None]
+            if len(conns) > CONN_KEEP:
+                del conns[next(iter(conns))]
         return entry
 
     def _on_connect(self, rec: dict[str, Any], ts: float) -> None:
-        self._proc(rec.get("pid"), ts)
-        entry = self._conn_entry(rec, ts)
-        entry["result"] = rec.get("result")
+        g = rec.get
+        key = (g("pid"), g("fd"), g("addr"), g("port"), g("path"))
+        conns = self.conns
+        entry = conns.get(key)
+        if entry is None:
+            conns[key] = [rec, None]
+            if len(conns) > CONN_KEEP:
+                del conns[next(iter(conns))]
+        else:
+            entry[0] = rec
 
     def _on_deny(self, rec: dict[str, Any], ts: float) -> None:
-        entry = self._conn_entry(dict(rec, fd=None), ts)
-        entry["denied"] = not rec.get("would")
-        entry["call"] = rec.get("call")
+        entry = self._conn_entry(rec, None)
+        extra = entry[1] = entry[1] or {}
+        extra["denied"] = not rec.get("would")
+        extra["call"] = rec.get("call")
 
     def _on_protocol(self, rec: dict[str, Any], ts: float) -> None:
         # the protocol record names the connection by pid, fd and destination
-        key = (rec.get("pid"), rec.get("fd"), rec.get("addr"), rec.get("port"), None)
-        entry = self.conns.get(key) or self._conn_entry(rec, ts)
-        entry["protocol"] = rec.get("protocol")
-        entry["sni"] = rec.get("sni")
+        entry = self._conn_entry(rec, rec.get("fd"))
+        extra = entry[1] = entry[1] or {}
+        extra["protocol"] = rec.get("protocol")
+        extra["sni"] = rec.get("sni")
         if rec.get("held"):
-            entry["held"] = True
+            extra["held"] = True
             p = self._proc(rec.get("pid"), ts)
             if p is not None:
                 dest = f"{rec.get('addr')}:{rec.get('port')}"
@@ -265,14 +275,15 @@ class EpisodeDetail:
         for p in self.procs.values():
             gpu = [{"gpu_index": g, "used_mib": u, "sm_util": s} for g, (u, s, ts) in p.gpu.items() if ts >= gpu_fresh]
             procs.append({
-                "pid": p.pid, "ppid": p.ppid, "exe": p.exe, "argv": p.argv, "comm": p.comm,
+                "pid": p.pid, "ppid": p.ppid, "exe": p.exe,
+                "argv": [str(a) for a in p.argv] if isinstance(p.argv, list) else None, "comm": p.comm,
                 "state": "exited" if p.ended is not None else ("held" if p.pid in self.held_pids else "running"),
                 "started": p.started, "ended": p.ended, "code": p.code, "signal": p.signal, "gpu": gpu,
             })
         return {
             "processes": process_tree(procs),
             "procs_dropped": self.procs_dropped,
-            "connections": [dict(c) for c in reversed(self.conns.values())],
+            "connections": [_conn_view(rec, extra) for rec, extra in reversed(self.conns.values())],
             "listeners": [dict(v) for v in reversed(self.listeners.values())],
             "alerts": [dict(a) for a in reversed(self.alerts)],
             "tail": [dict(r) for r in reversed(self.tail)],
@@ -282,6 +293,17 @@ class EpisodeDetail:
             "root_pid": self.root_pid,
             "held": self.held(now),
         }
+
+
+def _conn_view(rec: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    g = rec.get
+    out = {"ts": g("ts"), "pid": g("pid"), "fd": g("fd"), "family": g("family"), "addr": g("addr"),
+           "port": g("port"), "path": g("path"), "result": g("result") if g("type") == "connect" else None,
+           "protocol": None, "sni": None, "held": False, "denied": False,
+           "preexisting": bool(g("preexisting")), "exe": g("exe")}
+    if extra:
+        out.update(extra)
+    return out
 
 
 def process_tree(procs: list[dict[str, Any]]) -> list[dict[str, Any]]:
