@@ -55,11 +55,13 @@ def _keys_hint(view: View, width: int) -> Text:
     if view.screen == "detail":
         keys = [("↑↓", "scroll records"), ("Esc", "back"), ("f", "freeze"), ("t", "thaw"), ("K", "kill"),
                 ("p", "pause"), ("?", "help"), ("q", "quit")]
-    elif view.screen in ("alert", "help"):
+    elif view.screen == "help":
         keys = [("Esc", "back"), ("q", "quit")]
+    elif view.screen == "alert":
+        keys = [("Esc", "back"), ("f", "freeze its episode"), ("t", "thaw"), ("K", "kill"), ("q", "quit")]
     elif view.focus == "alerts":
-        keys = [("↑↓", "alert"), ("Enter", "show whole"), ("a/Esc", "episodes"), ("/", "filter"),
-                ("p", "pause"), ("?", "help"), ("q", "quit")]
+        keys = [("↑↓", "alert"), ("Enter", "show whole"), ("f", "freeze its episode"), ("t", "thaw"),
+                ("K", "kill"), ("a/Esc", "episodes"), ("/", "filter"), ("?", "help"), ("q", "quit")]
     else:
         keys = [("↑↓", "select"), ("Enter", "detail"), ("f", "freeze"), ("t", "thaw"), ("K", "kill"),
                 ("/", "filter"), ("s", "sort"), ("a", "alerts"), ("p", "pause"), ("?", "help"), ("q", "quit")]

@@ -30,9 +30,9 @@ HELP: tuple[tuple[str, str], ...] = (
     ("PgUp/PgDn Home/End", "move a page, to the first, to the last"),
     ("Enter", "open the episode's detail view; on an alert: the whole alert"),
     ("Esc", "back to the list (closes help, cancels a prompt, clears a filter)"),
-    ("f", "freeze the selected episode (cgroup.freeze)"),
-    ("t", "thaw the selected episode"),
-    ("K", "kill the selected episode (asks: y to confirm)"),
+    ("f", "freeze the selected episode (cgroup.freeze); on an alert: its episode"),
+    ("t", "thaw the selected episode (on an alert: its episode)"),
+    ("K", "kill the selected episode (on an alert: its episode); asks: y to confirm"),
     ("/", "filter episodes and alerts by text (episode id, rule, exe); Enter keeps it"),
     ("s", "cycle the sort: recent alerts, age, CPU/GPU, events"),
     ("a", "focus the alert list (again: back to the episodes)"),
@@ -194,6 +194,8 @@ def handle_key(view: View, key: str, snap: dict[str, Any]) -> tuple[View, Action
     if view.screen == "alert":
         if key in ("esc", "enter", "left", "backspace"):
             return r(view, screen="main", alert=None), None
+        if key in ("f", "t", "K"):
+            return _act(view, key, (view.alert or {}).get("episode"))
         return view, None
     if key == "esc":
         if view.screen == "detail":
@@ -237,11 +239,16 @@ def handle_key(view: View, key: str, snap: dict[str, Any]) -> tuple[View, Action
     if key in ("a", "tab") and view.screen == "main":
         return r(view, focus="episodes" if view.focus == "alerts" else "alerts"), None
     if view.screen == "main" and view.focus == "alerts":
+        alerts = visible_alerts(snap, view)
+        current = alerts[min(view.alert_index, len(alerts) - 1)] if alerts else None
         if key == "enter":
-            alerts = visible_alerts(snap, view)
-            if alerts:
-                return r(view, screen="alert", alert=alerts[min(view.alert_index, len(alerts) - 1)]), None
+            if current is not None:
+                return r(view, screen="alert", alert=current), None
             return with_message(view, "no alert to show", ok=False), None
+        if key in ("f", "t", "K"):                 # act on the selected alert's episode
+            if current is None:
+                return with_message(view, "no alert selected", ok=False), None
+            return _act(view, key, current.get("episode"))
         return view, None
     # episode actions (main list or detail view)
     view = sync(view, snap) if view.screen == "main" else view
@@ -251,13 +258,20 @@ def handle_key(view: View, key: str, snap: dict[str, Any]) -> tuple[View, Action
             return with_message(view, "no episode selected", ok=False), None
         return r(view, screen="detail", scroll=0), Action("detail", episode=ep)
     if key in ("f", "t", "K"):
-        if ep is None:
-            return with_message(view, "no episode selected", ok=False), None
-        if key == "K":
-            return r(view, confirm=ep), Action("detail", episode=ep)    # the prompt lists what it kills
-        cmd = "freeze" if key == "f" else "thaw"
-        return with_message(view, f"{cmd} {ep} ..."), Action("command", cmd, ep)
+        return _act(view, key, ep)
     return view, None
+
+
+def _act(view: View, key: str, ep: Any) -> tuple[View, Action | None]:
+    """f / t / K on episode `ep`: K first asks (the prompt lists what it kills)."""
+    if not ep:
+        return with_message(view, "no episode selected" if view.focus == "episodes" and view.screen != "alert"
+                            else "this alert belongs to no episode", ok=False), None
+    ep = str(ep)
+    if key == "K":
+        return dataclasses.replace(view, confirm=ep), Action("detail", episode=ep)
+    cmd = "freeze" if key == "f" else "thaw"
+    return with_message(view, f"{cmd} {ep} ..."), Action("command", cmd, ep)
 
 
 # ---------------------------------------------------------------------- terminal input

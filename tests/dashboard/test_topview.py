@@ -185,10 +185,16 @@ def test_detail_alert_help_pause_quit(snap: dict[str, Any]) -> None:
     # alert list: focus, move, Enter shows the alert whole, Esc back
     v, _ = keys(v, snap, "a")
     assert v.focus == "alerts"
-    v, _ = keys(v, snap, "down", "enter")
-    assert v.screen == "alert" and v.alert["rule"] == visible_alerts(snap, v)[1]["rule"]
+    v, _ = keys(v, snap, "down", "down", "enter")
+    assert v.screen == "alert" and v.alert["rule"] == visible_alerts(snap, v)[2]["rule"] == "gpu-unexpected-process"
+    v, acts = keys(v, snap, "f")                              # acts on the alert's episode
+    assert acts == [Action("command", "freeze", v.alert["episode"])]
     v, _ = keys(v, snap, "esc")
     assert v.screen == "main" and v.focus == "alerts"
+    v, acts = keys(v, snap, "home", "K")
+    assert v.confirm == "agent-zeta-0003" and acts == [Action("detail", episode="agent-zeta-0003")]
+    v, _ = keys(v, snap, "n", "down", "t")                     # the outside-episode alert: no episode
+    assert v.message == "this alert belongs to no episode" and not v.message_ok
     v, _ = keys(v, snap, "esc")
     assert v.focus == "episodes"
     v, _ = keys(v, snap, "?")
