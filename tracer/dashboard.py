@@ -1026,9 +1026,9 @@ def run_console(
                     elif kind == "alert" and snap is not None:
                         _apply_alert(snap, msg)
                         dirty = True
-                if (view.screen == "detail" or view.confirm) and view.selected and snap is not None \
-                        and not view.paused and time.monotonic() >= detail_due:
-                    fetch_detail(view.confirm or view.selected)
+                want = view.confirm or (view.selected if view.screen == "detail" else None)
+                if want and snap is not None and not view.paused and time.monotonic() >= detail_due:
+                    fetch_detail(want)          # the detail view (or the kill prompt) stays current
                     dirty = True
                 size = screen.size
                 if size != last_size or resized.is_set():
