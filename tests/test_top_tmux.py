@@ -147,7 +147,7 @@ def test_top_console_keys_drive_the_tracer(tracer_proc, episode_id, second_episo
         tty_check = (f"python3 -c 'import termios; a = termios.tcgetattr(0); "
                      f"print(bool(a[3] & termios.ECHO), bool(a[3] & termios.ICANON))' >> {after}")
         tmux.start([str(BIN), "top", "--refresh", "0.2", ";", "echo", "$?", ">", str(after), ";", tty_check,
-                    ";", "echo", "AFTER-TOP"],
+                    ";", "echo", "AFTER-TOP", ";", "sleep", "120"],   # the pane stays alive for the mode checks
                    {"AGENT_TRACER_SOCKET": str(t["sock"]), "TERM": "xterm-256color"})
         screen = tmux.wait_screen("agent-tracer", "ENFORCE", "q quit")
         assert "tracer not running" not in screen, screen
