@@ -120,6 +120,12 @@ def read_gpu_total(episode: str, verdict_dir: Path = VERDICT_DIR) -> dict[str, A
     return got[-1] if got else None
 
 
+def _operator_killed(episode: str, verdict_dir: Path) -> bool:
+    """An operator killed the episode through the tracer (`episode kill`, `top`'s K)."""
+    return any(r.get("type") == "episode_command" and r.get("cmd") == "kill"
+               for r in _verdict_lines(episode, verdict_dir))
+
+
 def _killed_by_policy(alerts: list[dict[str, Any]], root_pid: int, sig: int | None) -> bool:
     for a in alerts:
         if not a.get("enforced"):
@@ -272,10 +278,12 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     alerts = read_verdicts(episode, verdict_dir)
     if sig is not None:
         deadline = time.monotonic() + 0.5
-        while not _killed_by_policy(alerts, proc.pid, sig) and time.monotonic() < deadline:
+        while not (_killed_by_policy(alerts, proc.pid, sig) or _operator_killed(episode, verdict_dir)) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
             alerts = read_verdicts(episode, verdict_dir)
-    res = EpisodeResult(episode, code, sig, _killed_by_policy(alerts, proc.pid, sig), alerts,
+    killed = _killed_by_policy(alerts, proc.pid, sig) or (sig is not None and _operator_killed(episode, verdict_dir))
+    res = EpisodeResult(episode, code, sig, killed, alerts,
                         time.monotonic() - t0, read_gpu_total(episode, verdict_dir))
     if verdict_file is not None:
         import orjson

@@ -15,6 +15,10 @@ Requests (client -> server)::
                                                     -> handle_command(cmd, request), with
                                                        "ok": true added when absent
     {"op": "ping"}                                  -> {"ok": true, "pong": true}
+    {"op": "episode_detail", "id": "..."}           -> {"ok": true, "detail": {...}}: one episode's
+                                                       process tree, connections, listeners,
+                                                       alerts, GPU use, recent records, held
+                                                       right now (State.detail; `top`'s detail view)
 
 Any failure is answered ``{"ok": false, "error": "..."}`` (unknown op, bad JSON,
 an exception in the snapshot or command callback). A peer whose uid is not
@@ -52,6 +56,7 @@ __all__ = [
     "TracerNotRunning",
     "ControlPermissionError",
     "ConnectionLost",
+    "Subscription",
     "EPISODE_COMMANDS",
 ]
 
@@ -67,6 +72,7 @@ _TMP_COUNTER = itertools.count()
 
 SnapshotFn = Callable[[], dict]
 CommandFn = Callable[[str, dict], dict]
+DetailFn = Callable[[str], "dict | None"]
 
 
 # ---------------------------------------------------------------------- errors
@@ -179,8 +185,10 @@ class ControlServer:
         handle_command: CommandFn,
         *,
         allowed_uids: set[int] | None = None,
+        get_detail: DetailFn | None = None,
     ) -> None:
         self.path = Path(path)
+        self._get_detail = get_detail
         self._get_snapshot = get_snapshot
         self._handle_command = handle_command
         # peers whose uid is not here are refused (SO_PEERCRED): root and our own uid
@@ -505,8 +513,28 @@ class ControlServer:
                 conn.replies.append(_error(f"{cmd}: reply not serialisable: {exc}"))
         elif op == "ping":
             conn.replies.append(_dumps({"ok": True, "pong": True}))
+        elif op == "episode_detail":
+            conn.replies.append(self._detail(req))
         else:
-            conn.replies.append(_error(f"unknown op {op!r}; expected snapshot, subscribe, episode or ping"))
+            conn.replies.append(_error(f"unknown op {op!r}; expected snapshot, subscribe, episode, "
+                                       "episode_detail or ping"))
+
+    def _detail(self, req: dict) -> bytes:
+        ep = req.get("id")
+        if not isinstance(ep, str) or not ep:
+            return _error("episode_detail: an 'id' is required")
+        if self._get_detail is None:
+            return _error("episode_detail: this tracer serves no detail views")
+        try:
+            detail = self._get_detail(ep)
+        except Exception as exc:
+            return _error(f"episode_detail {ep} failed: {type(exc).__name__}: {exc}")
+        if detail is None:
+            return _dumps({"ok": False, "code": "unknown", "error": f"no episode {ep!r} known to the tracer"})
+        try:
+            return _dumps({"ok": True, "detail": detail})
+        except TypeError as exc:
+            return _error(f"episode_detail {ep}: not serialisable: {exc}")
 
     def _snapshot_line(self, fresh: bool, tag: bool = False) -> bytes:
         now = time.monotonic()
@@ -701,11 +729,33 @@ class ControlClient:
         sock.settimeout(timeout)
         return self._stream(sock)
 
+    def subscription(self, interval: float = 1.0, alerts: bool = True,
+                     timeout: float | None = None) -> "Subscription":
+        """Like :meth:`subscribe`, as an object another thread can :meth:`Subscription.close`
+        to end a read that is waiting (``agent-tracer top`` reads it in a thread)."""
+        if timeout is None:
+            timeout = 3 * interval + 5.0
+        sock = self._connect(self.timeout)
+        try:
+            self._send(sock, {"op": "subscribe", "interval": interval, "alerts": alerts})
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(timeout)
+        return Subscription(self, sock)
+
     def _stream(self, sock: socket.socket) -> Iterator[dict]:
         try:
             yield from self._lines(sock)
         finally:
             sock.close()
+
+    def detail(self, episode_id: str) -> dict:
+        """One episode's detail view; raises ControlError with the tracer's reason."""
+        reply = self.request({"op": "episode_detail", "id": episode_id})
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error") or f"no detail for {episode_id}"))
+        return reply["detail"]
 
     def command(self, cmd: str, id: str | None = None, **extra: Any) -> dict:
         """Run an episode command (freeze, thaw, kill, list); returns the reply (``ok`` false on error)."""
@@ -714,3 +764,23 @@ class ControlClient:
             req["id"] = id
         req.update(extra)
         return self.request(req)
+
+
+class Subscription:
+    """An open subscription: iterate for messages; close() (from any thread) ends it."""
+
+    def __init__(self, client: ControlClient, sock: socket.socket) -> None:
+        self._client = client
+        self._sock = sock
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._client._lines(self._sock)
+        finally:
+            self._sock.close()
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)      # wakes a reader blocked in recv
+        except OSError:
+            pass

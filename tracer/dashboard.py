@@ -23,6 +23,7 @@ connects, GPU mem, procs, age, in that order) before the id is shortened.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import statistics
@@ -48,6 +49,8 @@ __all__ = [
     "render_waiting",
     "run_top",
     "run_inline",
+    "run_console",
+    "TerminalKeys",
     "top_command",
     "measure_render",
     "synthetic_snapshot",
@@ -220,6 +223,56 @@ def _header(snap: dict[str, Any], width: int) -> list[Text]:
     return [line1, line2]
 
 
+def _kernel_line(snap: dict[str, Any], width: int) -> Text:
+    """What the kernel is doing: programs attached, holds per second, held right now, policy reload."""
+    sep = (" │ ", "dim")
+    progs = [str(p) for p in (snap.get("programs") or [])]
+    n_cg = sum(1 for p in progs if p.startswith("cgroup"))
+    n_tp = len(progs) - n_cg
+    holds = snap.get("holds_per_s") or {}
+    held = int(snap.get("held_now") or 0)
+    parts: list[Any] = [("kernel ", "dim")]
+    if width < 100:                                  # 80 columns: the same facts, shorter
+        reload = snap.get("reload")
+        if isinstance(reload, dict) and reload.get("status") == "refused":
+            rel = ("reload REFUSED", "bold red")
+        elif isinstance(reload, dict):
+            rel = (f"reloaded {fmt_clock(reload.get('ts'))}", "green")
+        else:
+            rel = ("policy: as started", "dim")
+        return _line(("kernel ", "dim"), (f"{len(progs)} progs", "bold"), sep,
+                     ("gate ", "dim"), f"{fmt_count(holds.get('gated') or 0)}/s",
+                     (" wire ", "dim"), f"{fmt_count(holds.get('wire_held') or 0)}/s", sep,
+                     (f"HELD NOW {held}", "bold yellow") if held else ("held 0", "dim"), sep, rel, width=width)
+    if progs:
+        parts.append((f"{len(progs)} programs", "bold"))
+        parts.append((f" ({n_tp} tracepoints, {n_cg} cgroup)" if width >= 100 else "", "dim"))
+    else:
+        parts.append(("programs: -", "dim"))
+    parts += [sep, ("gate holds ", "dim"), f"{fmt_count(holds.get('gated') or 0)}/s",
+              sep, ("wire holds ", "dim"), f"{fmt_count(holds.get('wire_held') or 0)}/s",
+              sep, (f"HELD NOW {held}", "bold yellow") if held else ("held now 0", "dim")]
+    reload = snap.get("reload")
+    parts.append(sep)
+    if isinstance(reload, dict) and reload.get("status") == "refused":
+        errs = reload.get("errors") or []
+        parts.append((f"reload REFUSED {fmt_clock(reload.get('ts'))}, kept {reload.get('policy_version')}"
+                      + (f": {errs[0]}" if errs else ""), "bold red"))
+    elif isinstance(reload, dict):
+        parts.append((f"policy reloaded {fmt_clock(reload.get('ts'))}", "green"))
+    else:
+        parts.append(("policy as loaded at start", "dim"))
+    selftest = snap.get("selftest") or {}
+    if width >= SIDE_BY_SIDE_WIDTH and selftest:     # wide: every enforcement path the self-test proved
+        parts.append(sep)
+        parts.append(("paths ", "dim"))
+        for i, (k, v) in enumerate(selftest.items()):
+            ok = str(v).startswith("ok")
+            parts.append((("" if not i else " ") + k + (" ✓" if ok else " ✗"),
+                          "green" if ok else ("yellow" if str(v).startswith("skipped") else "bold red")))
+    return _line(*parts, width=width)
+
+
 def _selftest_text(selftest: dict[str, str], compact: bool = False) -> Text:
     """Enforcement self-test: failures first (red), then skipped (yellow), then the ok count."""
     if not selftest:
@@ -334,6 +387,7 @@ _EP_COLUMNS: tuple[tuple[str, str, int, str, int], ...] = (
     ("execs", "EXECS", 6, "right", 5),
     ("connects", "CONNS", 6, "right", 4),
     ("alerts", "ALERTS", 6, "right", 0),
+    ("cpu", "CPU%", 5, "right", 3),
     ("gpu_mem", "GPU MEM", 7, "right", 3),
     ("gpu_util", "GPU%", 4, "right", 6),
     ("age", "AGE", 6, "right", 1),
@@ -341,8 +395,9 @@ _EP_COLUMNS: tuple[tuple[str, str, int, str, int], ...] = (
 _ID_MIN, _ID_MAX = 10, 40
 
 
-def _episode_columns(width: int, id_len: int, with_gpu: bool) -> tuple[list[tuple[str, str, int, str, int]], int]:
-    cols = [c for c in _EP_COLUMNS if with_gpu or not c[0].startswith("gpu_")]
+def _episode_columns(width: int, id_len: int, with_gpu: bool,
+                     with_cpu: bool = False) -> tuple[list[tuple[str, str, int, str, int]], int]:
+    cols = [c for c in _EP_COLUMNS if (with_gpu or not c[0].startswith("gpu_")) and (with_cpu or c[0] != "cpu")]
     id_w = min(max(id_len, _ID_MIN), _ID_MAX)
 
     def total(cs: list[tuple[str, str, int, str, int]], idw: int) -> int:
@@ -358,9 +413,17 @@ def _episode_columns(width: int, id_len: int, with_gpu: bool) -> tuple[list[tupl
     return cols, id_w
 
 
-def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[RenderableType]:
-    """Title line + table (+ overflow line); exactly <= `height` lines."""
-    episodes = [e for e in (snap.get("episodes") or []) if isinstance(e, dict)]
+def _episode_section(snap: dict[str, Any], width: int, height: int, view: Any = None) -> list[RenderableType]:
+    """Title line + table (+ overflow line); exactly <= `height` lines.
+
+    With a `view` (tracer/topview.py): its filter and sort apply, the selected
+    episode is highlighted and the rows shown are a window that contains it."""
+    all_episodes = [e for e in (snap.get("episodes") or []) if isinstance(e, dict)]
+    episodes = all_episodes
+    if view is not None:
+        from .topview import visible_episodes
+
+        episodes = visible_episodes(snap, view)
     now = snap.get("now")
     counts: dict[str, int] = {}
     for e in episodes:
@@ -373,21 +436,43 @@ def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[Rend
     dropped = (snap.get("retention") or {}).get("dropped")
     if dropped:
         title.append(f"  ({dropped} older ended dropped from view)", style="dim")
+    if view is not None:
+        from .topview import SORT_LABELS
+
+        title.append(f"   sort: {SORT_LABELS.get(view.sort, view.sort)}", style="dim")
+        if view.filter:
+            title.append(f"   filter \"{view.filter}\": {len(episodes)} of {len(all_episodes)}", style="bold yellow")
     out: list[RenderableType] = [_line(title, width=width)]
     rows_room = height - 2                       # title and the table's header line
     if not episodes or rows_room < 1:
         if height >= 2:
-            msg = "no episodes yet (start one with: agent-tracer episode run --id ID -- CMD)" if not episodes else ""
+            if not all_episodes:
+                msg = "no episodes yet (start one with: agent-tracer episode run --id ID -- CMD)"
+            elif not episodes:
+                msg = "no episode matches the filter (Esc clears it)"
+            else:
+                msg = ""
             out.append(_line((msg, "dim"), width=width))
         return out[:height]
+    sel = -1
+    start = 0
+    if view is not None and view.selected is not None:
+        ids = [str(e.get("id")) for e in episodes]
+        sel = ids.index(view.selected) if view.selected in ids else -1
     if len(episodes) <= rows_room:
         shown, hidden = episodes, []
     else:
-        shown, hidden = episodes[: rows_room - 1], episodes[rows_room - 1:]
+        fit = rows_room - 1
+        if sel >= fit:                           # a window that keeps the selection in sight
+            start = min(sel - fit // 2, len(episodes) - fit)
+        shown, hidden = episodes[start: start + fit], episodes[start + fit:]
+        if start:
+            hidden = episodes[:start] + hidden
 
     with_gpu = bool(snap.get("gpus")) or any(e.get("gpu_mem_mib") is not None for e in episodes)
     id_len = max((len(str(e.get("id"))) for e in shown), default=8)
-    cols, id_w = _episode_columns(width, id_len, with_gpu)
+    with_cpu = any(e.get("cpu_pct") is not None for e in episodes)   # measured by the tracer (tracer/cpu.py)
+    cols, id_w = _episode_columns(width, id_len, with_gpu, with_cpu)
     table = Table(
         box=None, padding=(0, 1), pad_edge=False, show_edge=False, expand=False,
         header_style="bold", show_header=True, collapse_padding=False,
@@ -403,7 +488,10 @@ def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[Rend
             if key == "id":
                 cell = Text(str(e.get("id")), style="dim" if ended else "bold")
             elif key == "state":
-                cell = Text(state, style=STATE_STYLES.get(state, ""))
+                if e.get("held"):                    # a gated exec or held flow awaits its verdict
+                    cell = Text("HELD", style="bold black on yellow")
+                else:
+                    cell = Text(state, style=STATE_STYLES.get(state, ""))
             elif key == "procs":
                 cell = Text(fmt_count(e.get("processes") or 0))
             elif key == "execs":
@@ -413,6 +501,9 @@ def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[Rend
             elif key == "alerts":
                 n = e.get("alerts") or 0
                 cell = Text(fmt_count(n), style="bold red" if n and not ended else ("red" if n else "dim"))
+            elif key == "cpu":
+                c = e.get("cpu_pct")
+                cell = Text(f"{c:.0f}" if isinstance(c, (int, float)) else "-", style="" if c is not None else "dim")
             elif key == "gpu_mem":
                 mem = e.get("gpu_mem_mib")
                 cell = Text(fmt_mib(mem), style="" if mem is not None else "dim")
@@ -426,12 +517,14 @@ def _episode_section(snap: dict[str, Any], width: int, height: int) -> list[Rend
             if ended:
                 cell.stylize("dim")
             row.append(cell)
-        table.add_row(*row)
+        selected = view is not None and start + len(table.rows) == sel
+        table.add_row(*row, style=("reverse" if view.focus == "episodes" else "underline") if selected else None)
     out.append(table)
     if hidden:
         with_alerts = sum(1 for e in hidden if e.get("alerts"))
         out.append(_line(
-            (f"… and {len(hidden)} more episodes", "bold"),
+            (f"… and {len(hidden)} more episodes" + (f" (rows {start + 1}-{start + len(shown)} shown)" if start else ""),
+             "bold"),
             (f" ({with_alerts} with alerts)", "red" if with_alerts else "dim"),
             width=width,
         ))
@@ -470,8 +563,13 @@ def _alert_detail(alert: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _alert_section(snap: dict[str, Any], width: int, height: int) -> list[Text]:
+def _alert_section(snap: dict[str, Any], width: int, height: int, view: Any = None) -> list[Text]:
     alerts = [a for a in (snap.get("alerts") or []) if isinstance(a, dict)]
+    newest: list[dict[str, Any]] = alerts[::-1]
+    if view is not None:
+        from .topview import visible_alerts
+
+        newest = visible_alerts(snap, view)
     mode = str(snap.get("mode") or "")
     title = Text(" Alerts ", style="bold reverse", end="")
     total = snap.get("alerts_total", len(alerts))
@@ -485,14 +583,23 @@ def _alert_section(snap: dict[str, Any], width: int, height: int) -> list[Text]:
             title.append(f"  {sev_counts[sev]} {sev}", style=SEVERITY_STYLES[sev])
     if alerts:
         title.append("   newest first", style="dim")
+    focused = view is not None and view.focus == "alerts"
+    if view is not None and view.filter:
+        title.append(f"   filter \"{view.filter}\": {len(newest)} shown", style="bold yellow")
+    if focused:
+        title.append("   focused: ↑↓ select, Enter shows it whole, a/Esc back", style="bold cyan")
     out = [_line(title, width=width)]
     room = height - 1
     if room < 1:
         return out[:height]
-    if not alerts:
-        out.append(_line(("no alerts", "dim"), width=width))
+    if not newest:
+        out.append(_line(("no alerts" if not alerts else "no alert matches the filter", "dim"), width=width))
         return out
-    visible = alerts[::-1][:room]
+    start = 0
+    sel = view.alert_index if focused else -1
+    if sel >= room:
+        start = min(sel - room // 2, len(newest) - room)
+    visible = newest[start: start + room]
     rule_w = min(max(len(str(a.get("rule") or "")) for a in visible), 28 if width >= 100 else 22)
     ep_w = min(max(len(str(a.get("episode") or "-")) for a in visible), 28 if width >= 100 else 18)
     for a in visible:
@@ -508,17 +615,37 @@ def _alert_section(snap: dict[str, Any], width: int, height: int) -> list[Text]:
         if detail:
             line.append("  " + detail, style="dim" if sev != "critical" else "")
         line.truncate(width, overflow="ellipsis")
+        if focused and start + len(out) - 1 == sel:
+            line.stylize("reverse")
         out.append(line)
     return out
 
 
 # ---------------------------------------------------------------------- render
-def render(snapshot: dict[str, Any], width: int, height: int) -> RenderableType:
-    """The whole dashboard for `snapshot`, at most `height` lines of `width` columns. Pure."""
+def render(snapshot: dict[str, Any], width: int, height: int, view: Any = None,
+           detail: dict[str, Any] | None = None) -> RenderableType:
+    """The whole dashboard for `snapshot`, at most `height` lines of `width` columns. Pure.
+
+    With a `view` (tracer/topview.py, `agent-tracer top`): the screen it is on
+    (main list, episode detail from `detail`, one alert whole, help), the
+    selection, filter, sort, and a footer with the keys, the last action's
+    result or the kill prompt."""
     width = max(int(width), MIN_WIDTH)
     height = max(int(height), MIN_HEIGHT)
     snap = snapshot if isinstance(snapshot, dict) else {}
+    if view is not None and view.screen != "main":
+        from .topscreens import render_screen
+
+        return render_screen(snap, view, detail, width, height)
+    footer: list[Text] = []
+    if view is not None:
+        from .topscreens import footer_lines
+
+        footer = footer_lines(snap, view, detail, width)
+        height -= len(footer)
     top: list[Text] = _header(snap, width)
+    if height >= 16:                                  # small terminals: no kernel strip
+        top.append(_kernel_line(snap, width))
     if height >= 14:                                  # tiny terminals: no sparkline
         top.append(_spark_line(snap, width))
     gpu_room = max(1, min(16, (height - len(top) - 8) // 3))
@@ -535,12 +662,17 @@ def render(snapshot: dict[str, Any], width: int, height: int) -> RenderableType:
         grid.add_column(width=left_w, no_wrap=True)
         grid.add_column(width=right_w, no_wrap=True)
         grid.add_row(
-            Group(*_episode_section(snap, left_w, room)),
-            _lines(_alert_section(snap, right_w, room)),
+            Group(*_episode_section(snap, left_w, room, view)),
+            _lines(_alert_section(snap, right_w, room, view)),
         )
         parts.append(grid)
     else:
         rows = room - 3                              # episode title + header, alert title
+        if view is not None:
+            from .topview import visible_alerts, visible_episodes
+
+            n_eps = len(visible_episodes(snap, view))
+            n_alerts = len(visible_alerts(snap, view))
         ep_want = max(1, n_eps)
         al_want = max(1, n_alerts)
         if rows < 2:                                 # tiny terminals: no alert rows
@@ -553,9 +685,27 @@ def render(snapshot: dict[str, Any], width: int, height: int) -> RenderableType:
             if ep_rows > ep_want:
                 al_rows += ep_rows - ep_want
                 ep_rows = ep_want
-        parts.extend(_episode_section(snap, width, ep_rows + 2))
-        parts.append(_lines(_alert_section(snap, width, al_rows + 1)))
+        parts.extend(_episode_section(snap, width, ep_rows + 2, view))
+        parts.append(_lines(_alert_section(snap, width, al_rows + 1, view)))
+    if footer:
+        return Group(_Fixed(Group(*parts), height), _lines(footer))
     return Group(*parts)
+
+
+class _Fixed:
+    """`renderable` cropped or padded to exactly `height` lines (the footer stays on the last line)."""
+
+    def __init__(self, renderable: RenderableType, height: int) -> None:
+        self.renderable = renderable
+        self.height = height
+
+    def __rich_console__(self, console: Console, options: Any):
+        from rich.segment import Segment
+
+        lines = console.render_lines(self.renderable, options.update(height=self.height), pad=True)
+        for line in lines[: self.height]:
+            yield from line
+            yield Segment.line()
 
 
 def render_waiting(socket_path: str, detail: str, retry_in: float, width: int, height: int) -> RenderableType:
@@ -694,6 +844,226 @@ def run_top(
     return 0
 
 
+class TerminalKeys:
+    """Keys from the terminal on `fd` in cbreak mode (no echo, no line buffering;
+    Ctrl-C still interrupts); the terminal's settings are restored on exit."""
+
+    ESC_WAIT_S = 0.05          # a lone ESC followed by nothing this long is the Esc key
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: Any = None
+        self._pending = ""
+
+    def __enter__(self) -> "TerminalKeys":
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self.fd)
+        tty.setcbreak(self.fd, termios.TCSANOW)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import termios
+
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def read(self, timeout: float) -> list[str]:
+        import os
+        import select
+
+        from .topview import finish_pending, parse_keys
+
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            if self._pending:
+                keys, self._pending = finish_pending(self._pending), ""
+                return keys
+            return []
+        data = os.read(self.fd, 1024)
+        if not data:                           # the terminal went away
+            return ["q"]
+        keys, self._pending = parse_keys(self._pending + data.decode("utf-8", "replace"))
+        if self._pending:
+            more, _, _ = select.select([self.fd], [], [], self.ESC_WAIT_S)
+            if not more:
+                keys += finish_pending(self._pending)
+                self._pending = ""
+        return keys
+
+
+class _Subscription(threading.Thread):
+    """Reads the tracer's snapshot/alert stream into a queue; reconnects after `retry_s`."""
+
+    def __init__(self, client: Any, refresh: float, retry_s: float, out: Any) -> None:
+        super().__init__(name="agent-tracer-top-subscription", daemon=True)
+        self.client, self.refresh, self.retry_s, self.out = client, refresh, retry_s, out
+        self.stop = threading.Event()
+        self.current: Any = None
+
+    def run(self) -> None:
+        from .control import ControlError
+
+        while not self.stop.is_set():
+            detail = ""
+            try:
+                self.current = self.client.subscription(interval=self.refresh)
+                if self.stop.is_set():
+                    self.current.close()
+                for msg in self.current:
+                    if self.stop.is_set():
+                        return
+                    self.out.put(("msg", msg))
+            except ControlError as exc:
+                detail = getattr(exc, "detail", "") or str(exc)
+            except (OSError, ValueError) as exc:
+                detail = str(exc)
+            finally:
+                self.current = None
+            if self.stop.is_set():
+                return
+            self.out.put(("down", detail, time.monotonic() + self.retry_s))
+            self.stop.wait(self.retry_s)
+
+    def close(self) -> None:
+        self.stop.set()
+        cur = self.current
+        if cur is not None:
+            cur.close()
+
+
+def run_console(
+    socket_path: str | Path,
+    keys: Any,
+    refresh: float = 1.0,
+    console: Console | None = None,
+    *,
+    retry_s: float = 3.0,
+    stop_event: threading.Event | None = None,
+) -> int:
+    """The interactive `agent-tracer top`: the dashboard with the keys of
+    tracer/topview.py, until `q` (returns 0) or `stop_event`.
+
+    `keys` is a context manager whose ``read(timeout)`` returns the keys
+    pressed (:class:`TerminalKeys` on a terminal). Snapshots and alerts come
+    from a subscription read in a thread; actions (freeze, thaw, kill, the
+    detail view) are requests on the control socket from this thread, and
+    their result or error is shown on the footer line."""
+    import queue
+    import signal
+
+    from .control import ControlClient, ControlError
+    from .topview import Action, View, handle_key, sync, with_message
+
+    console = console or Console()
+    stop = stop_event or threading.Event()
+    client = ControlClient(str(socket_path), timeout=5.0)
+    inbox: queue.Queue = queue.Queue()
+    sub = _Subscription(client, refresh, retry_s, inbox)
+    view = View()
+    snap: dict[str, Any] | None = None
+    down: tuple[str, float] | None = None
+    detail: dict[str, Any] | None = None
+    detail_due = 0.0
+    last_size: tuple[int, int] | None = None
+    resized = threading.Event()
+    old_winch = None
+    try:
+        old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.set())
+    except (ValueError, OSError, AttributeError):      # not the main thread
+        old_winch = None
+
+    def fetch_detail(ep: str) -> None:
+        nonlocal detail, detail_due, view
+        detail_due = time.monotonic() + max(refresh, 0.5)
+        try:
+            detail = client.detail(ep)
+        except ControlError as exc:
+            detail = None
+            view = with_message(view, f"detail {ep}: {exc}", ok=False)
+
+    def act(action: Action) -> bool:
+        nonlocal view
+        if action.kind == "quit":
+            return True
+        if action.kind == "detail" and action.episode:
+            fetch_detail(action.episode)
+        elif action.kind == "command" and action.cmd and action.episode:
+            try:
+                reply = client.command(action.cmd, id=action.episode)
+            except ControlError as exc:
+                view = with_message(view, f"{action.cmd} {action.episode}: {exc}", ok=False)
+            else:
+                if reply.get("ok"):
+                    view = with_message(view, str(reply.get("message") or f"{action.cmd} {action.episode}: ok"))
+                else:
+                    view = with_message(view, f"{action.cmd} {action.episode} failed: {reply.get('error')}", ok=False)
+        return False
+
+    sub.start()
+    try:
+        with keys, _Screen(console) as screen:
+            dirty = True
+            while not stop.is_set():
+                while True:
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item[0] == "down":
+                        snap, down = None, (item[1], item[2])
+                        dirty = True
+                        continue
+                    msg = item[1]
+                    kind = msg.get("type")
+                    down = None
+                    if view.paused and snap is not None:
+                        continue
+                    if kind == "snapshot":
+                        snap = msg
+                        if view.screen == "main":
+                            view = sync(view, snap)
+                        dirty = True
+                    elif kind == "alert" and snap is not None:
+                        _apply_alert(snap, msg)
+                        dirty = True
+                want = view.confirm or (view.selected if view.screen == "detail" else None)
+                if want and snap is not None and not view.paused and time.monotonic() >= detail_due:
+                    fetch_detail(want)          # the detail view (or the kill prompt) stays current
+                    dirty = True
+                size = screen.size
+                if size != last_size or resized.is_set():
+                    resized.clear()
+                    last_size = size
+                    dirty = True
+                if down is not None and snap is None:
+                    left = down[1] - time.monotonic()
+                    screen.show(render_waiting(str(socket_path), down[0], left, *size))
+                elif dirty and snap is not None:
+                    w, h = size
+                    if view.page != max(1, h // 2):
+                        view = dataclasses.replace(view, page=max(1, h // 2))
+                    screen.show(render(snap, w, h, view, detail))
+                    dirty = False
+                for key in keys.read(min(0.1, refresh)):
+                    view, action = handle_key(view, key, snap or {})
+                    dirty = True
+                    if action is not None and act(action):
+                        return 0
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+        if old_winch is not None:
+            try:
+                signal.signal(signal.SIGWINCH, old_winch)
+            except (ValueError, OSError):
+                pass
+    return 0
+
+
 def run_inline(
     get_snapshot: Callable[[], dict],
     stop_event: threading.Event,
@@ -727,10 +1097,12 @@ def run_inline(
 @click.option("--refresh", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Seconds between screen updates (alerts appear as they happen).")
 def top_command(socket_path: str, refresh: float) -> None:
-    """Live dashboard of a running tracer: episodes, alerts, events/s, GPUs.
+    """Live console of a running tracer: episodes, alerts, events/s, GPUs.
 
     Attaches to the tracer's control socket (root-only). If the tracer is not
-    running yet, it waits and retries until Ctrl-C.
+    running yet, it waits and retries until Ctrl-C. On a terminal it takes keys:
+    up/down (j/k) select, Enter episode detail, Esc back, f freeze, t thaw,
+    K kill (y confirms), / filter, s sort, a alert list, p pause, ? help, q quit.
 
     \b
     Example:
@@ -746,7 +1118,12 @@ def top_command(socket_path: str, refresh: float) -> None:
             signal.signal(sig, _terminate)
         except (ValueError, OSError):      # not the main thread
             pass
-    run_top(socket_path, refresh=refresh)
+    import sys
+
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        run_console(socket_path, TerminalKeys(sys.stdin.fileno()), refresh=refresh)
+    else:                                  # piped: the screen only, no keys
+        run_top(socket_path, refresh=refresh)
 
 
 # ---------------------------------------------------------------------- benchmark

@@ -55,7 +55,11 @@ def serve(rt, dashboard: bool = False) -> None:
             observe({"type": "episode_start", "ts": e.started or time.time(), "episode": e.id,
                      "source": e.source, "cgroup_path": e.cgroup_path, "root_pid": e.root_pid})
 
-    snapshot = state.snapshot
+    from .console_feed import ConsoleFeed
+
+    feed = ConsoleFeed(rt, state)       # CPU, detail views and held-right-now for `top`
+    rt.add_poll_hook(feed.poll_held)
+    snapshot = feed.snapshot
 
     def handle(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -67,7 +71,7 @@ def serve(rt, dashboard: bool = False) -> None:
         from .control import ControlServer
 
         try:
-            server = ControlServer(rt.opts.control_socket, snapshot, handle)
+            server = ControlServer(rt.opts.control_socket, snapshot, handle, get_detail=feed.detail)
             server.start()
         except OSError as e:
             log.warning("control socket %s unavailable: %s", rt.opts.control_socket, e)

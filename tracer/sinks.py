@@ -76,7 +76,8 @@ class MemorySink:
 
 
 class VerdictSink:
-    """Appends each alert (and the episode's GPU totals, `gpu_total`) to
+    """Appends each alert (the episode's GPU totals, `gpu_total`, and an
+    operator's kill, `episode_command` with cmd "kill") to
     <dir>/<episode>.jsonl so `agent-tracer episode run` and the Python API
     can read an episode's verdicts without parsing the main log."""
 
@@ -86,7 +87,9 @@ class VerdictSink:
         os.chmod(self.dir, 0o755)
 
     def write(self, rec: dict[str, Any]) -> None:
-        if rec.get("type") not in ("alert", "gpu_total") or not rec.get("episode"):
+        t = rec.get("type")
+        if not rec.get("episode") or not (t in ("alert", "gpu_total")
+                                           or (t == "episode_command" and rec.get("cmd") == "kill")):
             return
         path = self.dir / f"{rec['episode']}.jsonl"
         with open(path, "ab") as f:

@@ -29,7 +29,15 @@ Record kinds handled (besides every kernel event, which is counted):
   SM-seconds, MiB-seconds), kept after the episode ends
 * ``lost``            -> lost event counters
 * ``stats``           -> ``lost_total`` is never shown below the pipeline's own
-* ``policy_reload``   -> ``policy_version``
+* ``policy_reload``   -> ``policy_version``, reload status
+* ``policy_error``    -> reload status (refused, the old policy kept)
+* ``ready.programs``  -> the programs attached; ``stats.counters`` -> gate and
+  wire holds per second
+
+Every record of an episode also feeds its :class:`tracer.episode_detail.EpisodeDetail`
+(process tree, connections, listeners, alerts, recent records), read with
+:meth:`State.detail`; :meth:`State.set_held` says which pids the kernel holds
+right now (a gated exec or a held flow awaiting its verdict).
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ import threading
 import time
 from collections import deque
 from typing import Any, Iterable
+
+from .episode_detail import EpisodeDetail
 
 __all__ = [
     "State",
@@ -61,7 +71,7 @@ _PRUNED_MEMORY = 1000        # ids of pruned episodes remembered, so late record
 _META_KINDS = frozenset(
     {
         "ready", "stats", "lost", "gpu", "gpu_node", "gpu_status", "gpu_total", "alert",
-        "episode_start", "episode_end", "policy_reload",
+        "episode_start", "episode_end", "policy_reload", "policy_error",
     }
 )
 
@@ -70,7 +80,7 @@ class _Episode:
     __slots__ = (
         "id", "state", "pids", "execs", "connects", "alerts", "gpu",
         "started", "ended", "last_alert_ts", "last_event_ts", "source",
-        "exit_code", "end_reason", "gpu_total",
+        "exit_code", "end_reason", "gpu_total", "detail",
     )
 
     def __init__(self, episode_id: str, ts: float, source: str | None = None) -> None:
@@ -90,6 +100,7 @@ class _Episode:
         self.exit_code: int | None = None
         self.end_reason: str | None = None
         self.gpu_total: dict[str, Any] | None = None  # latest gpu_total record's numbers
+        self.detail = EpisodeDetail()                  # for the console's detail view
 
 
 def _num(value: Any) -> float | None:
@@ -142,6 +153,11 @@ class State:
         self._alerts_total = 0
         self._last_gpu_ts = 0.0
         self._n_ended = 0
+        self.programs: list[str] = []
+        self.reload: dict[str, Any] | None = None   # the last policy_reload / policy_error
+        self._counters: tuple[float, dict[str, int]] | None = None
+        self.holds_per_s: dict[str, float] = {}    # gated, wire_held: per second between stats records
+        self.held_now: dict[int, float] = {}       # pid -> since: stopped by the kernel right now
         # events/s: the current second's count, plus completed seconds
         self._cur_sec = 0
         self._cur_n = 0
@@ -163,6 +179,7 @@ class State:
             "episode_start": self._on_episode_start,
             "episode_end": self._on_episode_end,
             "policy_reload": self._on_policy_reload,
+            "policy_error": self._on_policy_error,
         }
 
     # ------------------------------------------------------------------ hot path
@@ -190,6 +207,11 @@ class State:
             ep_id = record.get("episode")
             if ep_id is not None:
                 self._episode(ep_id, ts)
+        ep_id = record.get("episode")
+        if ep_id is not None:
+            ep = self._episodes.get(ep_id if isinstance(ep_id, str) else str(ep_id))
+            if ep is not None:
+                ep.detail.observe(record, kind, ts, kind not in _META_KINDS)
 
     def _count(self, kind: Any, ts: float) -> None:
         self.events_total += 1
@@ -261,11 +283,21 @@ class State:
         selftest = rec.get("selftest")
         if isinstance(selftest, dict):
             self.selftest = {str(k): str(v) for k, v in selftest.items()}
+        programs = rec.get("programs")
+        if isinstance(programs, list):
+            self.programs = [str(p) for p in programs]
 
     def _on_policy_reload(self, rec: dict[str, Any], ts: float) -> None:
         value = rec.get("policy_version")
         if value is not None:
             self.policy_version = str(value)
+        self.reload = {"status": "reloaded", "ts": ts, "old_version": rec.get("old_version"),
+                       "policy_version": rec.get("policy_version"), "rules": rec.get("rules"), "errors": []}
+
+    def _on_policy_error(self, rec: dict[str, Any], ts: float) -> None:
+        errors = rec.get("errors")
+        self.reload = {"status": "refused", "ts": ts, "policy_version": rec.get("kept_version") or self.policy_version,
+                       "errors": [str(e) for e in errors] if isinstance(errors, list) else [str(errors)]}
 
     def _on_fork(self, rec: dict[str, Any], ts: float) -> None:
         ep = self._episode(rec.get("episode"), ts)
@@ -374,6 +406,14 @@ class State:
         lost = rec.get("lost_total")
         if isinstance(lost, int) and not isinstance(lost, bool) and lost > self._lost_reported:
             self._lost_reported = lost
+        counters = rec.get("counters")
+        if isinstance(counters, dict):
+            cur = {str(k): int(v) for k, v in counters.items() if isinstance(v, int) and not isinstance(v, bool)}
+            prev = self._counters
+            if prev is not None and ts > prev[0]:
+                dt = ts - prev[0]
+                self.holds_per_s = {k: max(0, cur.get(k, 0) - prev[1].get(k, 0)) / dt for k in ("gated", "wire_held")}
+            self._counters = (ts, cur)
 
     def _on_episode_start(self, rec: dict[str, Any], ts: float) -> None:
         ep_id = rec.get("episode")
@@ -448,6 +488,39 @@ class State:
     def episode_ids(self) -> list[str]:
         with self._lock:
             return list(self._episodes)
+
+    def set_held(self, held: dict[int, float]) -> None:
+        """The pids the kernel holds right now (exec gate, wire hold): pid -> since (wall clock).
+        Called from the loop's thread after each poll (tracer/service.py)."""
+        with self._lock:
+            old = self.held_now
+            self.held_now = dict(held)
+            touched = {self._pid_ep.get(pid) for pid in set(old) | set(held)}
+            for ep in touched:
+                if ep is not None:
+                    ep.detail.set_held({pid: since for pid, since in held.items() if self._pid_ep.get(pid) is ep})
+
+    def episode_members(self) -> dict[str, tuple[str | None, list[int]]]:
+        """Running episodes: id -> (cgroup path, live pids); for the CPU sampler."""
+        with self._lock:
+            return {ep.id: (ep.detail.cgroup_path, list(ep.pids))
+                    for ep in self._episodes.values() if ep.ended is None}
+
+    def detail(self, episode_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """The detail view of one episode (see tracer/episode_detail.py), None when unknown."""
+        if now is None:
+            now = time.time()
+        with self._lock:
+            ep = self._episodes.get(episode_id)
+            if ep is None:
+                return None
+            out = ep.detail.view(now, self._last_gpu_ts - GPU_STALE_S)
+            out.update(id=ep.id, state=ep.state, source=ep.source, started=ep.started, ended=ep.ended,
+                       end_reason=ep.end_reason, exit_code=ep.exit_code, alerts_total=ep.alerts,
+                       execs=ep.execs, connects=ep.connects, live_processes=len(ep.pids),
+                       gpu_total=dict(ep.gpu_total) if ep.gpu_total else None, now=now,
+                       policy_version=self.policy_version, mode=self.mode)
+            return out
 
     # ------------------------------------------------------------------ snapshot
     def _prune(self, now: float | None) -> None:
@@ -533,6 +606,11 @@ class State:
                         "source": ep.source,
                         "end_reason": ep.end_reason,
                         "exit_code": ep.exit_code,
+                        "events": ep.detail.events,
+                        "cgroup_path": ep.detail.cgroup_path,
+                        "exes": list(ep.detail.exes),
+                        "held": ep.detail.held(now) if ep.detail.held_pids else [],
+                        "cpu_pct": None,
                     }
                 )
             alerts = list(self._alerts)
@@ -558,6 +636,10 @@ class State:
                 "gpus": [dict(g) for g in self.gpus],
                 "gpu_status": self.gpu_status,
                 "retention": {"keep": self.ended_keep, "keep_s": self.ended_keep_s, "dropped": self._dropped},
+                "programs": list(self.programs),
+                "holds_per_s": dict(self.holds_per_s),
+                "held_now": len(self.held_now),
+                "reload": dict(self.reload) if self.reload else None,
             }
         episodes.sort(
             key=lambda e: (
