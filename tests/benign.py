@@ -346,3 +346,66 @@ def missing_tools() -> list[str]:
 if __name__ == "__main__":  # pragma: no cover - a quick look at the corpus
     es = load_corpus()
     print(f"{len(es)} entries in {len({e.file for e in es})} files", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ live run
+
+KEEP_TYPES = frozenset({"exec", "exit", "fork", "connect", "socket", "bind", "listen", "memfd", "protocol",
+                        "relay", "gpu_open", "alert", "gate_timeout", "deny"})
+
+
+@dataclass
+class LiveRun:
+    entries: list[Entry]
+    results: list[dict[str, Any]]
+    records: list[dict[str, Any]]  # the tracer's records of the corpus episodes, alerts included
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("type") == "alert"]
+
+    def problems(self) -> list[str]:
+        out = judge(self.entries, self.alerts())
+        for r in self.records:
+            if r.get("type") in ("gate_timeout", "deny"):
+                out.append(f"{r.get('type')}: {r.get('episode')} {r}")
+        for res in self.results:
+            if res["exit_code"] != 0 or res["killed"]:
+                out.append(f"entry failed: {res}")
+        seen = {r.get("episode") for r in self.records if r.get("type") == "exec"}
+        for e in self.entries:
+            if e.episode not in seen:
+                out.append(f"entry not seen by the tracer: {e.id}")
+        return out
+
+
+def run_live(tracer, services: Services, root: Path, entries: list[Entry], workers: int = 3) -> LiveRun:
+    """Run `entries` in episodes under `tracer` (an at_testlib.LiveTracer),
+    then wait until the tracer has caught up (a marker episode's exec is
+    seen: the ring buffer is one ordered stream)."""
+    from tracer import cgroups
+    from tracer.api import run_episode
+
+    for e in entries:  # a run that died half-way may have left one behind
+        cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / e.episode)
+    results = run_corpus(entries, services, root, workers)
+    marker = f"{EPISODE_PREFIX}marker-{uuid.uuid4().hex[:6]}"
+    run_episode(marker, ["/bin/true"])
+    from at_testlib import wait_for
+
+    wait_for(lambda: tracer.find(type="exec", episode=marker), timeout=60)
+    wait_for(lambda: False, timeout=0.5)  # alerts of the last records
+    eps = {e.episode for e in entries}
+    recs = [r for r in tracer.records if r.get("episode") in eps and r.get("type") in KEEP_TYPES]
+    return LiveRun(entries, results, recs)
+
+
+def write_recording(run: LiveRun, path: Path = RECORDING) -> int:
+    """The corpus episodes' records, alerts left out (replay re-decides
+    them), sorted by time; pids and paths are this machine's."""
+    import orjson
+
+    recs = sorted((r for r in run.records if r.get("type") != "alert"), key=lambda r: r.get("ts") or 0)
+    with open(path, "wb") as f:
+        for r in recs:
+            f.write(orjson.dumps(r, default=str) + b"\n")
+    return len(recs)
