@@ -114,7 +114,7 @@ def test_corpus_live_in_episodes_zero_enforcing_alerts(corpus_env):
     assert problems == [], "\n".join(problems)
     assert len(run.entries) >= 200
     # the policy really judged these episodes: every exec was gated
-    assert sum(1 for r in run.records if r.get("type") == "exec") > 1000
+    assert sum(1 for r in run.records if r.get("type") == "exec") > 600
     assert any(r.get("rule") == "external-destination" for r in run.alerts())
     if os.environ.get("AT_RECORD_BENIGN"):
         benign.write_recording(run)

@@ -169,6 +169,18 @@ class LiveContext:
         self._hashes: dict[tuple[int, int, int], str] = {}
         self._node_addrs = NodeAddrs()
         self.stdio_seen: dict[int, list[dict[str, Any]]] = {}  # pid -> what the last exec's rules saw
+        self.ssh_config_seen: dict[int, list[str]] = {}
+
+    def ssh_config(self, event) -> list[str] | None:
+        from .policy.sshconfig import ssh_config_directives
+
+        got = ssh_config_directives(event)
+        pid = event.get("pid")
+        if got is not None and isinstance(pid, int):
+            if len(self.ssh_config_seen) > 1024:
+                self.ssh_config_seen.clear()
+            self.ssh_config_seen[pid] = got
+        return got
 
     def stdio_sockets(self, pid: int) -> list[dict[str, Any]] | None:
         from .stdio import stdio_sockets
@@ -211,7 +223,7 @@ def make_context(tracker):
 
     live = LiveContext(tracker)
     ctx = EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed,
-                      stdio_sockets=live.stdio_sockets)
+                      stdio_sockets=live.stdio_sockets, ssh_config=live.ssh_config)
     return ctx, live
 
 
@@ -318,10 +330,14 @@ class Engine:
         if t == "exit":
             self._gate_seen.pop(rec.get("pid"), None)
         verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
-        if t == "exec" and self.live_ctx is not None and self.live_ctx.stdio_seen:
-            seen = self.live_ctx.stdio_seen.pop(rec.get("pid"), None)
+        if t == "exec" and self.live_ctx is not None:
+            # on record, so replay judges what the gate saw (files and sockets as they were)
+            seen = self.live_ctx.stdio_seen.pop(rec.get("pid"), None) if self.live_ctx.stdio_seen else None
             if seen:
-                rec["stdio"] = seen  # on record, so replay judges what the gate saw
+                rec["stdio"] = seen
+            cfg = self.live_ctx.ssh_config_seen.pop(rec.get("pid"), None) if self.live_ctx.ssh_config_seen else None
+            if cfg is not None and "ssh_config" not in rec:
+                rec["ssh_config"] = cfg
         out = []
         enforcing_verdict = False
         for v in verdicts:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from .argv import OptSpec, flag_matches, parse_getopt
 from .context import Subject
 from .model import NO_MATCH, Kind, Op, OptionsEnd, enum_values
-from .sshconfig import ssh_config_directives, ssh_option_directives
+from .sshconfig import ssh_option_directives
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -414,7 +414,7 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("argv_option", FType.OPTION, lambda s: s.args(), cost=1),
             FieldDef("fileless", FType.BOOL, _ev("fileless")),
             FieldDef("sha256", FType.SHA256, lambda s: s.sha256(), cost=3),
-            FieldDef("ssh_config", FType.STRS, lambda s: ssh_config_directives(s.event), cost=2),
+            FieldDef("ssh_config", FType.STRS, lambda s: s.ssh_config(), cost=2),
             FieldDef("ssh_option", FType.STRS, lambda s: ssh_option_directives(s.event), cost=1),
             FieldDef("stdio_remote", FType.CIDRS, lambda s: s.stdio_remote(), cost=2),
         ),
