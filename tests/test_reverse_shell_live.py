@@ -25,7 +25,7 @@ from tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = "/usr/bin/python3"
-PORT = 4444
+PORT = 9001  # not a mining port (4444 is refused in the kernel for episodes)
 
 LISTENER = r'''
 import json, socket, sys, threading, time
