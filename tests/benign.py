@@ -217,7 +217,9 @@ def make_fixtures(fix: Path) -> None:
     (pkg / "src" / "benignpkg").mkdir(parents=True, exist_ok=True)
     (pkg / "src" / "benignpkg" / "__init__.py").write_text("def add(a, b):\n    return a + b\n")
     (pkg / "tests").mkdir(exist_ok=True)
-    (pkg / "tests" / "test_add.py").write_text("from benignpkg import add\n\ndef test_add():\n    assert add(2, 3) == 5\n")
+    (pkg / "tests" / "test_add.py").write_text(
+        "import unittest\nfrom benignpkg import add\n\n\nclass T(unittest.TestCase):\n"
+        "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n")
     (pkg / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
         '[project]\nname = "benignpkg"\nversion = "0.1.0"\n\n[tool.setuptools.packages.find]\nwhere = ["src"]\n')
