@@ -31,7 +31,8 @@ def main() -> int:
         with NetHost(tmp / "ext") as h:
             h.start_sshd()
             services = benign.Services(tmp, ext=h).start()
-            t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR, benign.SITE_FILE], monitor=False).start()
+            t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR, benign.SITE_FILE], monitor=False,
+                       gate_timeout=benign.GATE_TIMEOUT_S).start()
             try:
                 run = benign.run_live(t, services, tmp / "work", entries)
             finally:

@@ -31,6 +31,10 @@ ENFORCING = frozenset({"deny", "kill", "kill-episode", "freeze-episode"})
 EPISODE_PREFIX = "benign-"
 PY = "/usr/bin/python3"
 HTTP_AUTH = ("agent", "s3cret-token-123")
+# The corpus measures the policy's verdicts, not how fast a loaded CI
+# machine drains: its tracer waits up to 10 s for a gated exec's verdict
+# (default 2 s) before the fail-closed default; a gate timeout still fails it.
+GATE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)

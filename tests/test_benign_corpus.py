@@ -97,7 +97,8 @@ def corpus_env(tmp_path_factory):
     with NetHost(tmp / "ext") as h:
         h.start_sshd()
         services = benign.Services(tmp, ext=h).start()
-        t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR, benign.SITE_FILE], monitor=False).start()
+        t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR, benign.SITE_FILE], monitor=False,
+                       gate_timeout=benign.GATE_TIMEOUT_S).start()
         try:
             yield t, services, tmp
         finally:
