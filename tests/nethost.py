@@ -100,9 +100,11 @@ class NetHost:
         self._up = False
 
     # ----------------------------------------------------------------- sshd
-    def start_sshd(self, ports=(22, 2022)) -> None:
+    def start_sshd(self, ports=(22, 2022), also_b: bool = False) -> None:
         """Real /usr/sbin/sshd in the namespace: generated host key, key auth
-        only (the client key is self.key), listening on v4 and v6."""
+        only (the client key is self.key), listening on v4 and v6 (also on
+        the second addresses with also_b), with the sftp subsystem (scp and
+        sftp use it)."""
         d = self.tmp
         for k in ("host_ed25519", "id_ed25519"):
             if not (d / k).exists():
@@ -110,8 +112,9 @@ class NetHost:
         shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
         os.chmod(d / "authorized_keys", 0o600)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep chroot
-        lines = [f"Port {p}" for p in ports] + [
-            f"ListenAddress {self.addr}", f"ListenAddress {self.addr6}",
+        listen = [self.addr, self.addr6] + ([self.addr_b, self.addr6_b] if also_b else [])
+        lines = [f"Port {p}" for p in ports] + [f"ListenAddress {a}" for a in listen] + [
+            "Subsystem sftp internal-sftp",
             f"HostKey {d / 'host_ed25519'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
             f"PidFile {d / 'sshd.pid'}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",

@@ -192,11 +192,15 @@ def test_stratum_on_443_kills_the_episode(policy, data):
 @pytest.mark.parametrize("host", ["xmr-eu1.nanopool.org", "nanopool.org", "gulf.moneroocean.stream",
                                   "stratum.slushpool.com", "stratum-eu.example.net"])
 def test_pool_sni_is_killed(policy, host):
+    # a pool domain (mining_pool_domains, subdomains included) or a stratum* host label
     v = rules_of(policy, proto_rec(client_hello(host)))
-    assert set(v) == {"mining-pool-sni"}
-    assert v["mining-pool-sni"].matched["sni"] == host
-    rule = policy.rule("mining-pool-sni")
-    assert rule.action.value == "kill" and rule.severity.value == "high" and rule.description
+    want = ({"mining-pool-sni"} if "stratum-eu" not in host else set()) | (
+        {"stratum-host-sni"} if host.startswith("stratum") else set())
+    assert set(v) == want
+    for name in want:
+        assert v[name].matched["sni"] == host
+        rule = policy.rule(name)
+        assert rule.action.value == "kill" and rule.severity.value == "high" and rule.description
 
 
 @pytest.mark.parametrize("host", ["pypi.org", "files.pythonhosted.org", "github.com", "huggingface.co",

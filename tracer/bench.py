@@ -304,6 +304,9 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rss = _get(results, "resources", "peak_rss_mb")
     if rss is not None:
         add("peak RSS", f"<= {TARGETS['rss_mb']:g} MB", rss, rss <= TARGETS["rss_mb"], "MB")
+    fp = _get(results, "precision", "corpus", "enforcing_false_positives")
+    if _get(results, "precision") is not None:
+        add("enforcing false positives on the benign corpus", "0", fp, None if fp is None else fp == 0)
     return out
 
 
@@ -434,6 +437,11 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[A
         from .bench_scale import scale_tables
 
         out.extend(scale_tables(results["scale"]))
+    if results.get("precision"):
+        from .precision import precision_rows
+
+        out.append(("Precision (benign corpus replayed) next to detection (attack cases)",
+                    ["what", "value", "how"], precision_rows(results["precision"])))
     tg = results.get("targets")
     if tg:
         out.append(("Targets", ["target", "goal", "measured", "met"],
@@ -1467,6 +1475,9 @@ class Bench:
             results["resources"] = res
         if "latency" in results:
             results["latency"].pop("_idle", None)
+        from .precision import precision_summary  # replays recorded data: seconds, no tracer
+
+        results["precision"] = precision_summary(POLICY_DIR)
         results["targets"] = check_targets(results)
         results["meta"]["duration_s"] = time.time() - t_start
         results["meta"]["loadavg_after"] = _loadavg()

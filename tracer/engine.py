@@ -163,8 +163,34 @@ class LiveContext:
     """What rules may ask beyond the record: ancestry and executable hash."""
 
     def __init__(self, tracker):
+        from .stdio import NodeAddrs
+
         self.tracker = tracker
         self._hashes: dict[tuple[int, int, int], str] = {}
+        self._node_addrs = NodeAddrs()
+        self.stdio_seen: dict[int, list[dict[str, Any]]] = {}  # pid -> what the last exec's rules saw
+        self.ssh_config_seen: dict[int, list[str]] = {}
+
+    def ssh_config(self, event) -> list[str] | None:
+        from .policy.sshconfig import ssh_config_directives
+
+        got = ssh_config_directives(event)
+        pid = event.get("pid")
+        if got is not None and isinstance(pid, int):
+            if len(self.ssh_config_seen) > 1024:
+                self.ssh_config_seen.clear()
+            self.ssh_config_seen[pid] = got
+        return got
+
+    def stdio_sockets(self, pid: int) -> list[dict[str, Any]] | None:
+        from .stdio import stdio_sockets
+
+        got = stdio_sockets(pid, self._node_addrs) if pid > 0 else None
+        if got:
+            if len(self.stdio_seen) > 1024:
+                self.stdio_seen.clear()
+            self.stdio_seen[pid] = got
+        return got
 
     def ancestors_exe(self, pid: int) -> list[str]:
         return self.tracker.ancestors_exe(pid)
@@ -196,7 +222,9 @@ def make_context(tracker):
     from .policy import EvalContext
 
     live = LiveContext(tracker)
-    return EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed)
+    ctx = EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed,
+                      stdio_sockets=live.stdio_sockets, ssh_config=live.ssh_config)
+    return ctx, live
 
 
 # -------------------------------------------------------------------- alert
@@ -239,6 +267,7 @@ class Engine:
         self.pipeline = None
         self.enforcer: Enforcer | None = None
         self.ctx = None
+        self.live_ctx = None
         self.canary_pids: set[int] = set()
         self._gate_seen: dict[int, float] = {}
         self.gate_timeouts = 0
@@ -271,7 +300,7 @@ class Engine:
             episode_pids=lambda ep: [p.pid for p in tracker.table.members(ep)],
             release_gated=probes.release_gated,
         )
-        self.ctx = make_context(tracker)
+        self.ctx, self.live_ctx = make_context(tracker)
 
     def _slots(self) -> dict[int, str]:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
@@ -301,6 +330,14 @@ class Engine:
         if t == "exit":
             self._gate_seen.pop(rec.get("pid"), None)
         verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
+        if t == "exec" and self.live_ctx is not None:
+            # on record, so replay judges what the gate saw (files and sockets as they were)
+            seen = self.live_ctx.stdio_seen.pop(rec.get("pid"), None) if self.live_ctx.stdio_seen else None
+            if seen:
+                rec["stdio"] = seen
+            cfg = self.live_ctx.ssh_config_seen.pop(rec.get("pid"), None) if self.live_ctx.ssh_config_seen else None
+            if cfg is not None and "ssh_config" not in rec:
+                rec["ssh_config"] = cfg
         out = []
         enforcing_verdict = False
         for v in verdicts:

@@ -41,7 +41,8 @@ def format_plan(plan: KernelPlan) -> list[str]:
 @click.argument("paths_", metavar="[PATHS]...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1).")
 @click.option("--plan", "show_plan", is_flag=True, help="Also print what the kernel will enforce.")
-def check(paths_: tuple[Path, ...], strict: bool, show_plan: bool) -> None:
+@click.option("--lists", "show_lists", is_flag=True, help="Also print each list and the rules that read it.")
+def check(paths_: tuple[Path, ...], strict: bool, show_plan: bool, show_lists: bool = False) -> None:
     """Validate policy files without loading anything into the kernel.
 
     PATHS are TOML files or directories (every *.toml in them); the default
@@ -65,6 +66,10 @@ def check(paths_: tuple[Path, ...], strict: bool, show_plan: bool) -> None:
     if result.policy is not None and show_plan:
         for line in format_plan(result.policy.kernel_plan()):
             click.echo(line)
+    if result.policy is not None and show_lists:
+        click.echo("lists (read by):")
+        for name, rules in result.list_readers.items():
+            click.echo(f"  {name}: {', '.join(rules) or '-'}")
     if result.policy is not None:
         click.echo(f"policy version: {result.policy.version}")
     click.echo(

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from .argv import OptSpec, flag_matches, parse_getopt
 from .context import Subject
 from .model import NO_MATCH, Kind, Op, OptionsEnd, enum_values
-from .sshconfig import ssh_config_directives
+from .sshconfig import ssh_option_directives
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,6 +28,7 @@ class FType(Enum):
     NUM = "number"
     PORT = "port"
     CIDR = "cidr"
+    CIDRS = "cidrs"  # a list of addresses on the event; any element may match
     ENUM = "enum"
     BOOL = "bool"
     SHA256 = "sha256"
@@ -82,11 +83,33 @@ def _glob_regex(globs: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(fnmatch.translate(g) for g in globs))
 
 
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+")
+
+
+def hosts_in(text: str) -> list[str]:
+    """Host names written in a string: the whole string, or inside a URL,
+    `user@host`, `host:port` or `--key=host` (lower case; dotted names only)."""
+    return _HOST.findall(text.lower())
+
+
+def domain_matches(text: str, domains: frozenset[str]) -> bool:
+    """Some host name in `text` is one of `domains` or a subdomain of one
+    (`pool.supportxmr.com` is in `supportxmr.com`; `examine.bz2` is not in
+    `mine.bz`)."""
+    for host in hosts_in(text):
+        labels = host.split(".")
+        for i in range(len(labels) - 1):
+            if ".".join(labels[i:]) in domains:
+                return True
+    return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class StrCond(Cond):
     exact: frozenset[str] | None = None
     globs: tuple[str, ...] = ()
     regexes: tuple[str, ...] = ()
+    domains: frozenset[str] | None = None
     many: bool = False  # the field is a list (arg, ancestor_exe): any element
     never: bool = False  # an operator was given an empty list (e.g. an empty "$list"): nothing matches
     _glob: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
@@ -104,6 +127,8 @@ class StrCond(Cond):
         if self._glob is not None and not self._glob.match(x):
             return False
         if self._res and not any(r.search(x) for r in self._res):
+            return False
+        if self.domains is not None and not domain_matches(x, self.domains):
             return False
         return True
 
@@ -176,16 +201,25 @@ class CidrCond(Cond):
     (`::ffff:10.0.0.1`) also matches the IPv4 networks."""
 
     nets: tuple[IPNetwork, ...]
+    many: bool = False  # the field is a list of addresses (stdio_remote): any element
 
-    def test(self, s: Subject) -> Any:
-        v = self.get(s)
+    def ok(self, v: Any) -> bool:
         if not isinstance(v, str):
-            return NO_MATCH
+            return False
         for addr in _ip(v):
             for net in self.nets:
                 if addr.version == net.version and addr in net:
-                    return v
-        return NO_MATCH
+                    return True
+        return False
+
+    def test(self, s: Subject) -> Any:
+        v = self.get(s)
+        if self.many:
+            for x in v or ():
+                if self.ok(x):
+                    return x
+            return NO_MATCH
+        return v if self.ok(v) else NO_MATCH
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,7 +414,9 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("argv_option", FType.OPTION, lambda s: s.args(), cost=1),
             FieldDef("fileless", FType.BOOL, _ev("fileless")),
             FieldDef("sha256", FType.SHA256, lambda s: s.sha256(), cost=3),
-            FieldDef("ssh_config", FType.STRS, lambda s: ssh_config_directives(s.event), cost=2),
+            FieldDef("ssh_config", FType.STRS, lambda s: s.ssh_config(), cost=2),
+            FieldDef("ssh_option", FType.STRS, lambda s: ssh_option_directives(s.event), cost=1),
+            FieldDef("stdio_remote", FType.CIDRS, lambda s: s.stdio_remote(), cost=2),
         ),
     },
     Kind.CONNECT: {**_COMMON, **_CONNECT},
@@ -525,11 +561,12 @@ def items(raw: Any, key: str, env: Env) -> list[Item] | None:
 
 
 _ALLOWED_OPS: dict[FType, tuple[Op, ...]] = {
-    FType.STR: (Op.IN, Op.GLOB, Op.REGEX),
-    FType.STRS: (Op.IN, Op.GLOB, Op.REGEX),
+    FType.STR: (Op.IN, Op.GLOB, Op.REGEX, Op.DOMAIN),
+    FType.STRS: (Op.IN, Op.GLOB, Op.REGEX, Op.DOMAIN),
     FType.NUM: (Op.IN, Op.GT, Op.GTE, Op.LT, Op.LTE),
     FType.PORT: (Op.IN,),
     FType.CIDR: (Op.IN,),
+    FType.CIDRS: (Op.IN,),
     FType.ENUM: (Op.IN,),
     FType.SHA256: (Op.IN,),
 }
@@ -540,6 +577,7 @@ _SHORTHAND: dict[FType, str] = {
     FType.NUM: "an integer, an array of integers",
     FType.PORT: "a port, a port range, an array of them",
     FType.CIDR: "an address or CIDR, an array of them",
+    FType.CIDRS: "an address or CIDR, an array of them",
     FType.ENUM: "a name, an array of names",
     FType.SHA256: "a sha256 hex digest, an array of them",
 }
@@ -566,6 +604,7 @@ def compile_field(fd: FieldDef, raw: Any, key: str, env: Env) -> Cond | None:
         FType.NUM: _compile_num,
         FType.PORT: _compile_port,
         FType.CIDR: _compile_cidr,
+        FType.CIDRS: _compile_cidr,
         FType.ENUM: _compile_enum,
         FType.SHA256: _compile_sha256,
     }[fd.ftype]
@@ -627,6 +666,11 @@ def _compile_str(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: d
                 except re.error as e:
                     env.error(it.key, it.msg(f"bad regex {it.value!r}: {e}"))
                     ok = False
+        if op is Op.DOMAIN:
+            for it in its:
+                if hosts_in(it.value) != [it.value.lower()]:
+                    env.error(it.key, it.msg(f"{it.value!r} is not a domain name (dotted labels: letters, digits, -)"))
+                    ok = False
         got[op] = [it.value for it in its]
     if not ok:
         return None
@@ -634,6 +678,7 @@ def _compile_str(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: d
         exact=frozenset(got[Op.IN]) if Op.IN in got else None,
         globs=tuple(got.get(Op.GLOB, ())),
         regexes=tuple(got.get(Op.REGEX, ())),
+        domains=frozenset(v.lower() for v in got[Op.DOMAIN]) if Op.DOMAIN in got else None,
         many=fd.ftype is FType.STRS,
         never=any(not v for v in got.values()),
         **base,
@@ -727,7 +772,7 @@ def parse_cidr(v: Any) -> IPNetwork | str:
 
 def _compile_cidr(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:
     nets = _parse_each(ops, env, parse_cidr)
-    return None if nets is None else CidrCond(nets=tuple(dict.fromkeys(nets)), **base)
+    return None if nets is None else CidrCond(nets=tuple(dict.fromkeys(nets)), many=fd.ftype is FType.CIDRS, **base)
 
 
 def _compile_enum(fd: FieldDef, ops: dict[Op, tuple[Any, str]], env: Env, base: dict[str, Any]) -> Cond | None:

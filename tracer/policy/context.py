@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .argv import Opt, OptSpec, scan_options
+from .sshconfig import ssh_config_directives
 
 
 def _no_ancestors(pid: int) -> list[str]:
@@ -22,6 +23,10 @@ def _no_hash(path: str, pid: int) -> str | None:
 
 
 def _unknown(pid: int) -> bool | None:
+    return None
+
+
+def _no_stdio(pid: int) -> list[dict[str, Any]] | None:
     return None
 
 
@@ -39,11 +44,23 @@ class EvalContext:
         by design from, a GPU process its episode registered; docs/gpu.md),
         None when unknown. Asked only when the record does not carry
         `gpu_allowed` itself.
+    stdio_sockets(pid): the inet sockets on fds 0, 1 and 2 of the process,
+        each {"fd", "proto" (tcp/udp), "peer", "peer_port", "local" (the peer
+        is this node: loopback or one of its addresses)}; [] when none, None
+        when unknown. Asked only for rules on `stdio_remote`, and only when
+        the record does not carry `stdio` itself (tracer/stdio.py reads it
+        live, from /proc while the exec gate holds the process).
     """
 
     ancestors_exe: Callable[[int], Sequence[str]] = _no_ancestors
     sha256: Callable[[str, int], str | None] = _no_hash
     gpu_allowed: Callable[[int], bool | None] = _unknown
+    stdio_sockets: Callable[[int], list[dict[str, Any]] | None] = _no_stdio
+    # ssh_config(event): the directives of the OpenSSH config files an ssh
+    # exec will read (tracer/policy/sshconfig.py), asked only when the record
+    # does not carry `ssh_config` itself. The default reads the files from
+    # here (/proc/<pid>/root while the process lives, else the record's cwd).
+    ssh_config: Callable[[Mapping[str, Any]], list[str] | None] = ssh_config_directives
 
 
 def record_context(record: Mapping[str, Any]) -> EvalContext:
@@ -59,7 +76,7 @@ def record_context(record: Mapping[str, Any]) -> EvalContext:
 class Subject:
     """One event under evaluation, with per-event caches of the lazy facts."""
 
-    __slots__ = ("event", "ctx", "_ancestors", "_sha256", "_scans", "_gpu_allowed")
+    __slots__ = ("event", "ctx", "_ancestors", "_sha256", "_scans", "_gpu_allowed", "_stdio", "_ssh_config")
 
     def __init__(self, event: Mapping[str, Any], ctx: EvalContext) -> None:
         self.event = event
@@ -68,6 +85,31 @@ class Subject:
         self._sha256: str | None | bool = False  # False: not asked yet
         self._scans: dict[OptSpec, tuple[Opt, ...]] = {}
         self._gpu_allowed: bool | None | str = "?"
+        self._stdio: list[str] | None | bool = False  # False: not asked yet
+        self._ssh_config: list[str] | None | bool = False
+
+    def ssh_config(self) -> list[str] | None:
+        if self._ssh_config is False:
+            given = self.event.get("ssh_config")
+            if isinstance(given, list):
+                self._ssh_config = [x for x in given if isinstance(x, str)]
+            else:
+                self._ssh_config = self.ctx.ssh_config(self.event)
+        return self._ssh_config  # type: ignore[return-value]
+
+    def stdio_remote(self) -> list[str] | None:
+        """Peers, not on this node, of the inet sockets on fds 0-2: from the
+        record's `stdio` (replay), else asked of the context (live)."""
+        if self._stdio is False:
+            socks = self.event.get("stdio")
+            if not isinstance(socks, list):
+                socks = self.ctx.stdio_sockets(self._pid())
+            if socks is None:
+                self._stdio = None
+            else:
+                self._stdio = [s["peer"] for s in socks
+                               if isinstance(s, dict) and isinstance(s.get("peer"), str) and s.get("local") is False]
+        return self._stdio  # type: ignore[return-value]
 
     def gpu_allowed(self) -> bool | None:
         if self._gpu_allowed == "?":

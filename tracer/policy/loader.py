@@ -37,6 +37,19 @@ OVERRIDE_KEYS = {
     "rule": ("rule", "enabled", "action", "severity", "scope", "append_except", "for_s"),
 }
 MAX_FOR_S = 86400  # a day
+# words that say what kind of list it is, not what it is about
+_GENERIC_WORDS = frozenset({"list", "lists", "regex", "regexes", "glob", "globs", "names", "name", "cidrs", "cidr",
+                            "ports", "port", "hosts", "host", "exes", "paths", "items", "entries"})
+
+
+def _type_class(ftype: Any) -> str:
+    v = getattr(ftype, "value", str(ftype))
+    return {"strings": "string", "cidrs": "cidr"}.get(v, v)
+
+
+def _norm_entry(v: Any) -> str:
+    """An entry as a concept: `*.pool.com*`, `pool.com` and `POOL.com` alike."""
+    return str(v).lower().strip("*. ")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -137,6 +150,7 @@ class _Env:
         if name not in self.loader.lists:
             self.error(key, f"unknown list '{name}'")
             return None
+        self.loader.note_ref("list", name)
         return self.loader.expand_list(name, ())
 
 
@@ -159,6 +173,32 @@ class Loader:
         self.used_macros: set[str] = set()
         self._expanded: dict[str, list[tuple[Any, str]] | None] = {}
         self._macro_cache: dict[tuple[str, Kind], tuple[Cond, ...] | None] = {}
+        # who reads what (docs/policies.md, "Lists"): owner ("rule:x" or
+        # "macro:y") -> {("list" | "macro", name)}, and the field types
+        # each list is used as
+        self._owner: str | None = None
+        self._ftype: Any = None
+        self.refs: dict[str, set[tuple[str, str]]] = {}
+        self.list_types: dict[str, set[str]] = {}
+
+    def note_ref(self, what: str, name: str) -> None:
+        if self._owner is not None:
+            self.refs.setdefault(self._owner, set()).add((what, name))
+        if what == "list" and self._ftype is not None:
+            self.list_types.setdefault(name, set()).add(_type_class(self._ftype))
+
+    def _owned(self, owner: str):
+        loader = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                self.prev = loader._owner
+                loader._owner = owner
+
+            def __exit__(self, *exc: Any) -> None:
+                loader._owner = self.prev
+
+        return _Ctx()
 
     # ---- diagnostics
 
@@ -400,7 +440,11 @@ class Loader:
                     env.error(path, f"unknown field for '{kind.value}' events (expected one of: {known})")
                 ok = False
                 continue
-            cond = compile_field(fd, raw, path, env)
+            prev, self._ftype = self._ftype, fd.ftype
+            try:
+                cond = compile_field(fd, raw, path, env)
+            finally:
+                self._ftype = prev
             if cond is None:
                 ok = False
             else:
@@ -425,6 +469,7 @@ class Loader:
                 ok = False
                 continue
             self.used_macros.add(name)
+            self.note_ref("macro", name)
             if name in stack:
                 cycle = " -> ".join(stack[stack.index(name) :] + (name,))
                 self.error(md.loc, "", f"macro cycle: {cycle}")
@@ -451,7 +496,8 @@ class Loader:
         if cache_key in self._macro_cache:
             return self._macro_cache[cache_key]
         md = self.macros[name]
-        conds = self.compile_table(md.body, kind, md.loc, md.prefix, stack + (name,))
+        with self._owned(f"macro:{name}"):
+            conds = self.compile_table(md.body, kind, md.loc, md.prefix, stack + (name,))
         self._macro_cache[cache_key] = conds
         return conds
 
@@ -602,8 +648,9 @@ class Loader:
         if "for_s" in d:
             for_s = self._for_s(loc, d["for_s"], kind)
             ok = ok and for_s is not None
-        conds = self.compile_table(match, kind, loc, "match") if match is not None else None
-        excepts = self._compile_excepts(excepts_raw, kind, loc, "except")
+        with self._owned(f"rule:{name}" if named else f"rule:#{item.index}"):
+            conds = self.compile_table(match, kind, loc, "match") if match is not None else None
+            excepts = self._compile_excepts(excepts_raw, kind, loc, "except")
         if not ok or conds is None or excepts is None:
             return None
         return RuleBuild(
@@ -689,7 +736,8 @@ class Loader:
             if not isinstance(raw, list):
                 self.error(item.loc, "append_except", f"expected an array of tables, got {tname(raw)}")
             elif build is not None:
-                extra = self._compile_excepts(raw, build.on, item.loc, "append_except") or []
+                with self._owned(f"rule:{name}"):
+                    extra = self._compile_excepts(raw, build.on, item.loc, "append_except") or []
         if build is None:
             return
         for key, value in changes.items():
@@ -735,6 +783,74 @@ class Loader:
         for md in macros:  # still validate them: they may be used tomorrow
             self._validate_unused_macro(md.name, md)
 
+    # ---- one fact in one place: who reads each list, lists that look alike
+
+    def _closure(self, owner: str, seen: set[str]) -> set[str]:
+        """Lists an owner reads, through macros and lists that name lists."""
+        out: set[str] = set()
+        for what, name in self.refs.get(owner, ()):
+            key = f"{what}:{name}"
+            if key in seen:
+                continue
+            seen.add(key)
+            if what == "macro":
+                out |= self._closure(key, seen)
+            else:
+                out |= self._list_closure(name, seen)
+        return out
+
+    def _list_closure(self, name: str, seen: set[str]) -> set[str]:
+        out = {name}
+        ld = self.lists.get(name)
+        for e in ld.entries if ld else ():
+            ref = list_ref(e)
+            if ref is not None and f"list:{ref}" not in seen:
+                seen.add(f"list:{ref}")
+                out |= self._list_closure(ref, seen)
+        return out
+
+    def list_readers(self) -> dict[str, tuple[str, ...]]:
+        readers: dict[str, set[str]] = {name: set() for name in self.lists}
+        for rule in self.builds:
+            for name in self._closure(f"rule:{rule}", set()):
+                readers.setdefault(name, set()).add(rule)
+        return {k: tuple(sorted(v)) for k, v in sorted(readers.items())}
+
+    def check_same_concept(self) -> None:
+        """Warn when two lists look like one concept kept twice (issue 19):
+        the same entries, or names that share two words and entries in
+        common, read as the same kind of value. Neither may name the other."""
+        names = sorted(n for n in self.lists if n not in self.broken_lists)
+        facts: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        for n in names:
+            got = self.expand_list(n, ())
+            if got is None:
+                continue
+            entries = frozenset(_norm_entry(v) for v, _ in got) - {""}
+            words = frozenset(w for w in n.lower().split("_") if w and w not in _GENERIC_WORDS)
+            facts[n] = (entries, words)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if a not in facts or b not in facts:
+                    continue
+                if b in self._list_closure(a, set()) or a in self._list_closure(b, set()):
+                    continue
+                (ea, wa), (eb, wb) = facts[a], facts[b]
+                if not ea or not eb:
+                    continue
+                ta, tb = self.list_types.get(a, set()), self.list_types.get(b, set())
+                if ta and tb and not ta & tb:
+                    continue  # read as different kinds of value (ports and exe globs)
+                same = ea == eb
+                alike = len(wa & wb) >= 2 and bool(ea & eb)
+                if same or alike:
+                    why = "the same entries" if same else f"names that share {sorted(wa & wb)} and entries in common"
+                    self.warn(
+                        self.lists[b].loc, "",
+                        f"looks like the same concept as list '{a}' ({self.lists[a].loc.file}): {why}; "
+                        f"keep one list and have every rule read it (or make one include the other: \"${a}\")",
+                    )
+
     def _validate_unused_macro(self, name: str, md: MacroDef) -> None:
         fields = self.macro_fields(name)
         kind = next((k for k in Kind if fields <= set(FIELDS[k])), None)
@@ -752,7 +868,7 @@ class Loader:
             return LoadResult(None, errors, warnings, tuple(self.toml_files), count)
         rules = tuple(b.freeze() for b in self.builds.values())
         policy = Policy(rules=rules, version=policy_version(self.files), files=tuple(self.toml_files))
-        return LoadResult(policy, errors, warnings, tuple(self.toml_files), count)
+        return LoadResult(policy, errors, warnings, tuple(self.toml_files), count, self.list_readers())
 
 
 def discover(paths: Iterable[Path | str]) -> tuple[list[Path], list[Diagnostic]]:
@@ -787,4 +903,5 @@ def load_policy(paths: Iterable[Path | str]) -> LoadResult:
     loader.apply_rule_overrides()
     loader.check_deny()
     loader.check_unused()
+    loader.check_same_concept()
     return loader.result()

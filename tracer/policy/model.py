@@ -71,6 +71,7 @@ class Op(str, Enum):
     IN = "in"
     GLOB = "glob"
     REGEX = "regex"
+    DOMAIN = "domain"
     GT = "gt"
     GTE = "gte"
     LT = "lt"

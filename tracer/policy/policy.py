@@ -102,6 +102,8 @@ class LoadResult:
     warnings: list[Diagnostic]
     files: tuple[str, ...] = ()
     rule_count: int = 0
+    # list name -> the rules that read it (directly, through macros or other lists)
+    list_readers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -167,3 +167,27 @@ def ssh_config_directives(event: Mapping[str, Any]) -> list[str] | None:
             r.read(r.home + "/.ssh/config", True, 0, must_exist=False)
         r.read("/etc/ssh/ssh_config", False, 0, must_exist=False)
     return r.out
+
+
+def ssh_option_directives(event: Mapping[str, Any]) -> list[str] | None:
+    """The `ssh_option` field of an exec event: every `-o` option of the
+    command line (options scanned as OpenSSH does), in the same form as
+    `ssh_config` entries: `-oRemoteForward=2222 localhost:22` and
+    `-o "RemoteForward 2222 localhost:22"` are both
+    `"remoteforward 2222 localhost:22"`. So one list of patterns judges a
+    directive wherever it is written (a config file or argv), by what it
+    does: `permitlocalcommand no` or `clearallforwardings yes` open nothing."""
+    argv = event.get("argv")
+    if not isinstance(argv, list):
+        return None
+    args = [a for a in argv[1:] if isinstance(a, str)]
+    out: list[str] = []
+    for o in scan_options(args, SSH_SPEC):
+        if o.name != "-o" or o.value is None:
+            continue
+        m = _LINE.match(o.value.strip())
+        if m:
+            out.append(f"{m.group(1).lower()} {' '.join(m.group(2).split())}".rstrip())
+        else:
+            out.append("#unparsed " + o.value)
+    return out
