@@ -244,6 +244,7 @@ class Engine:
         self.gate_timeouts = 0
         self.gate_races = 0
         self._reload_requested = False
+        self.gpu_rights = None  # tracer.gpu_allow.GpuRights once attached to the kernel
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
@@ -300,6 +301,10 @@ class Engine:
             return []
         if t == "exit":
             self._gate_seen.pop(rec.get("pid"), None)
+        if t == "exec" and rec.get("argv_unreadable") and rec.get("gated") and not rec.get("killed_in_kernel"):
+            return self._unjudgeable_exec(rec)
+        if self.gpu_rights is not None:
+            self.gpu_rights.observe(rec)
         verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
         out = []
         enforcing_verdict = False
@@ -324,6 +329,27 @@ class Engine:
         elif t == "protocol" and rec.get("held") and not enforcing_verdict:
             self._continue(rec["pid"])
         return out
+
+    def _unjudgeable_exec(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """A gated exec whose argv could not be read (no syscall-entry
+        record and no /proc/<pid>/cmdline): it cannot be judged, so it gets
+        the gate default, like a verdict that did not come in time (an
+        episode's process is killed unless --gate-default allow)."""
+        pid = rec["pid"]
+        allow = self.gate_default == "allow" or self.monitor or not rec.get("episode")
+        if allow:
+            self._continue(pid)
+        else:
+            self._gate_seen.pop(pid, None)
+            self.probes.release_gated(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.gate_timeouts += 1
+        return [{"type": "gate_timeout", "ts": time.time(), "pid": pid, "episode": rec.get("episode"),
+                 "exe": rec.get("exe"), "verdict": "allowed" if allow else "killed",
+                 "reason": "argv unreadable", "timeout_s": 0}]
 
     def _continue(self, pid: int) -> None:
         self._gate_seen.pop(pid, None)
