@@ -64,6 +64,8 @@ def observe_escape(tracker: Any, rec: dict[str, Any]) -> list[dict[str, Any]]:
         p = Proc(pid=pid)
         table.procs[pid] = p
     ep = p.episode if known else None
+    if ep is None and not tracker.live:
+        ep = rec.get("episode")  # recorded: the record says
     if ep is None:
         ep = _episode_of_slot(tracker, rec.get("slot"))
     if ep is None:
