@@ -93,6 +93,11 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, mo
             km.gate_comms[comm[:COMM_MAX]] = 2
         km.gate_all = bool(plan.gate_all)
         km.gate_all_global = bool(getattr(plan, "gate_all_global", False))
+        # GPU opens without the GPU right killed in the kernel: every episode
+        # exec is gated, so an exec that keeps the right (tracer.gpu_allow)
+        # gets it back before the new image runs
+        km.gpu_open_kill = bool(getattr(plan, "gpu_open_kill", False))
+        km.gate_all = km.gate_all or km.gpu_open_kill
     deny4: dict[Any, int] = {}
     deny6: dict[Any, int] = {}
     exc4: dict[Any, int] = {}
@@ -196,7 +201,8 @@ def make_context(tracker):
     from .policy import EvalContext
 
     live = LiveContext(tracker)
-    return EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed)
+    return EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256,
+                       gpu_allowed=GpuAllow.for_tracker(tracker).allowed)
 
 
 # -------------------------------------------------------------------- alert
@@ -245,6 +251,7 @@ class Engine:
         self.gate_races = 0
         self._reload_requested = False
         self.gpu_rights = None  # tracer.gpu_allow.GpuRights once attached to the kernel
+        self._budget_fired: set[tuple[str, str | None]] = set()
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
@@ -273,6 +280,9 @@ class Engine:
             release_gated=probes.release_gated,
         )
         self.ctx = make_context(tracker)
+        from .gpu_allow import GpuAllow, GpuRights
+
+        self.gpu_rights = GpuRights(GpuAllow.for_tracker(tracker), probes)
 
     def _slots(self) -> dict[int, str]:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
@@ -306,13 +316,20 @@ class Engine:
         if self.gpu_rights is not None:
             self.gpu_rights.observe(rec)
         verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
+        if t == "gpu_budget" and verdicts:
+            # a window stays over budget for a while: one verdict per rule and episode
+            fired = self._budget_fired
+            if len(fired) > 4096:
+                fired.clear()
+            verdicts = [v for v in verdicts if (v.rule, rec.get("episode")) not in fired]
+            fired.update((v.rule, rec.get("episode")) for v in verdicts)
         out = []
         enforcing_verdict = False
         for v in verdicts:
             action = getattr(v.action, "value", v.action)
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
-            already = t == "exec" and bool(rec.get("killed_in_kernel"))
+            already = t in ("exec", "gpu_open") and bool(rec.get("killed_in_kernel"))
             held = (t == "exec" and rec.get("gated")) or (t == "protocol" and rec.get("held"))
             if action == "freeze-episode" and held:
                 outcome = self.enforcer.apply(action, rec)

@@ -96,6 +96,8 @@ class Runtime:
         for r in self.tracker.seed(now):
             self.pipeline.emit(r)
         self._seed_kernel_membership()
+        if engine is not None and engine.gpu_rights is not None:
+            engine.gpu_rights.seed()  # processes already running that hold the GPU right
         if opts.preexisting_sockets:
             self._emit_preexisting_sockets()
         selftest = engine.selftest() if engine is not None else {}
@@ -145,7 +147,7 @@ class Runtime:
             return
         pl = self.pipeline
         for r in self.gpu.poll():
-            if r["type"] == "gpu":
+            if r["type"] in ("gpu", "gpu_budget"):
                 pl.handle(r)  # through the policy
             else:
                 pl.emit(r)

@@ -451,6 +451,15 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("age_s", FType.NUM, _ev("age_s")),
         ),
     },
+    Kind.GPU_BUDGET: {  # tracer/gpu_watch.py: sums over the last 60 / 600 s, processes without the GPU right
+        **_COMMON,
+        **_defs(
+            FieldDef("sm_s_60", FType.NUM, _ev("sm_s_60")),
+            FieldDef("mib_s_60", FType.NUM, _ev("mib_s_60")),
+            FieldDef("sm_s_600", FType.NUM, _ev("sm_s_600")),
+            FieldDef("mib_s_600", FType.NUM, _ev("mib_s_600")),
+        ),
+    },
     Kind.ESCAPE: {  # tracer/membership.py: the moved process stays a member
         **_COMMON,
         **_defs(
