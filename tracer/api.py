@@ -115,12 +115,13 @@ def _killed_by_policy(alerts: list[dict[str, Any]], root_pid: int, sig: int | No
 def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                 cwd: str | None = None, verdict_dir: Path = VERDICT_DIR, keep_stragglers: bool = False,
                 verdict_file: Path | None = None, timeout: float | None = None,
-                gpu: bool = False) -> EpisodeResult:
+                gpu: bool = False, gpu_exes: Sequence[str] = ()) -> EpisodeResult:
     """Run argv as episode `episode` in its own cgroup and wait for it.
 
     When argv exits, processes it left behind in the cgroup are killed
     (unless keep_stragglers) and the cgroup is removed. gpu=True registers
-    argv's process as the episode's GPU process (docs/gpu.md)."""
+    argv's process as the episode's GPU process; gpu_exes (globs) are the
+    executables that keep the GPU right through an exec (docs/gpu.md)."""
     if not argv:
         raise EpisodeError("no command given")
     cg = episode_cgroup(episode)
@@ -147,7 +148,7 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
         if gpu:  # registered before the command runs an instruction
-            register(episode, os.getpid())
+            register(episode, os.getpid(), exes=gpu_exes)
 
     proc = None
     try:
