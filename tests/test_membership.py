@@ -94,3 +94,58 @@ def test_fileless():
     assert _fileless("/dev/fd/3", "/dev/fd/3", exe_known=False)         # gone before /proc was read: fail closed
     assert _fileless("/proc/self/fd/5", "/proc/self/fd/5")
     assert not _fileless("/usr/bin/python3", "/usr/bin/python3")
+
+
+class _Probes:
+    def __init__(self):
+        self.released = []
+
+    def release_gated(self, pid):
+        self.released.append(pid)
+        return True
+
+
+def _engine(gate_default="kill"):
+    from tracer.engine import Engine, load_policy_or_raise
+    from tracer.paths import POLICY_DIR
+
+    e = Engine(load_policy_or_raise([POLICY_DIR]), [POLICY_DIR], monitor=False, gate_timeout=2.0,
+               gate_default=gate_default)
+    e.probes = _Probes()
+    return e
+
+
+def test_gated_exec_whose_argv_cannot_be_read_gets_the_gate_default():
+    """No syscall-entry record and no /proc/<pid>/cmdline: it cannot be
+    judged, so an episode's process is killed (gate default)."""
+    import subprocess
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        e = _engine()
+        out = e.process({"type": "exec", "pid": p.pid, "episode": "ep-1", "gated": True, "argv": [],
+                         "argv_unreadable": True, "exe": "/usr/bin/sleep"})
+        assert [(r["type"], r["verdict"], r["reason"]) for r in out] == [("gate_timeout", "killed", "argv unreadable")]
+        assert p.wait(timeout=10) == -9
+        assert e.probes.released == [p.pid]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_unreadable_argv_outside_episodes_or_gate_default_allow_continues():
+    import signal
+    import subprocess
+
+    for ep, default in ((None, "kill"), ("ep-1", "allow")):
+        p = subprocess.Popen(["sleep", "30"])
+        try:
+            e = _engine(default)
+            out = e.process({"type": "exec", "pid": p.pid, "episode": ep, "gated": True, "argv": [],
+                             "argv_unreadable": True})
+            assert out[0]["verdict"] == "allowed"
+            assert p.poll() is None  # continued (SIGCONT), not killed
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
