@@ -332,6 +332,9 @@ class Tracker:
         else:
             self._resolve(p)
         if self.pending:
+            for r in self.pending:
+                if r.get("ts") is None:
+                    r["ts"] = now
             out.extend(self.pending)
             self.pending.clear()
         rec["episode"] = p.episode

@@ -18,7 +18,6 @@ Pure bookkeeping over the tracker's table; nothing here touches the kernel.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from .proctable import Proc
@@ -94,6 +93,9 @@ def observe_escape(tracker: Any, rec: dict[str, Any]) -> list[dict[str, Any]]:
     rec["via"] = "cgroup.procs"
     out = list(tracker.pending)
     tracker.pending.clear()
+    for r in out:
+        if r.get("ts") is None:
+            r["ts"] = rec.get("ts")
     out.append(rec)
     return out
 
@@ -109,7 +111,8 @@ def left_cgroup(tracker: Any, p: Proc) -> bool:
         return False
     p.membership = "escaped"
     if tracker.live:
-        rec: dict[str, Any] = {"type": "escape", "ts": time.time(), "pid": p.pid, "tid": p.pid,
+        # ts: the record that showed it (Tracker.observe fills it in)
+        rec: dict[str, Any] = {"type": "escape", "ts": None, "pid": p.pid, "tid": p.pid,
                                "cgroup": p.cgroup, "dst_cgroup": p.cgroup, "dst_path": None,
                                "dst_episode": tracker.cgroups.episode_of(p.cgroup), "outside": True,
                                "by_pid": None, "by_other": False, "untracked": True, "via": "cgroup-change",
