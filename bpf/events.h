@@ -47,6 +47,8 @@ enum at_kind {
 	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
 	AT_EV_CGROUP_MKDIR = 13, /* a cgroup2 directory was made (level >= 2): names
 				    an episode cgroup before anything runs in it */
+	AT_EV_ESCAPE = 18,    /* a member of an episode was moved to a cgroup outside it
+				 (cgroup_attach_task): it stays a member */
 	AT_EV_CGROUP_RMDIR = 28, /* a cgroup2 directory (level >= 2) was removed: after
 				    every record of the processes that ran in it */
 	AT_EV_KIND_MAX = 29,
@@ -58,8 +60,13 @@ enum at_kind {
 #define AT_EXEC_KILLED (1u << 2)       /* killed in the kernel (known-bad name) */
 #define AT_EXEC_GATED (1u << 3)        /* stopped by the exec gate */
 #define AT_EXEC_KILL_WOULD (1u << 4)   /* name on the kill list, not enforced */
-#define AT_EXEC_NO_ARGV (1u << 5)      /* out of scope at execve: argv not captured
-					  (user space reads /proc/<pid>/cmdline) */
+#define AT_EXEC_NO_ARGV (1u << 5)      /* no syscall-entry record (out of scope at
+					  execve, a 32-bit int 0x80 execve, a full
+					  pending map): user space reads argv from
+					  /proc/<pid>/cmdline of the stopped task */
+#define AT_EXEC_GPU_RIGHT (1u << 6)    /* the process held the GPU right before this
+					  exec (user space re-grants it if the
+					  registration names the new executable) */
 
 /* deny_event.user_type */
 #define AT_DENY_SENDMSG (1u << 0)   /* sendmsg (else connect) */
@@ -86,6 +93,16 @@ enum at_kind {
 /* tracked map value: how a process entered scope (low byte), episode identity above */
 #define AT_TRACK_ENV 1
 #define AT_TRACK_LINEAGE 2
+#define AT_TRACK_CGROUP 3   /* joined or was forked in an episode cgroup */
+#define AT_TRACK_ESCAPED 4  /* was moved out of its episode cgroup: still a member */
+
+/* escape_event.flags */
+#define AT_ESC_OUTSIDE (1u << 0)   /* the destination is outside every episode cgroup */
+#define AT_ESC_BY_OTHER (1u << 1)  /* moved by another episode process (not itself) */
+#define AT_ESC_UNTRACKED (1u << 2) /* was not tracked: membership taken from the mover */
+
+/* gpu_right map values */
+#define AT_GPU_RIGHT 1
 
 /* counters (per-CPU array indices) */
 enum at_counter {
@@ -94,6 +111,10 @@ enum at_counter {
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
 	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
+	AT_CNT_ESCAPES = 10,     /* episode members moved out of their episode cgroup */
+	AT_CNT_EXEC_NO_ARGV = 11, /* in-scope execs without a syscall-entry record */
+	AT_CNT_GPU_OPEN_KILLED = 12, /* episode processes without the GPU right killed
+					at a GPU device open */
 	AT_CNT_MAP_FULL = 22,     /* a kernel map update failed (full): tracked, exec_pending,
 				     gated, sock_pending, thread_clones (docs/scale.md) */
 	AT_CNT_SLOT_STALE = 23,   /* a deny decision for an identity without its own mask
@@ -126,7 +147,10 @@ enum at_config {
 				    unconnected UDP sendmsg they match is reported
 				    (deny_event with AT_DENY_WOULD), connects are
 				    reported by their own records */
-	AT_CFG_MAX = 17,
+	/* 17-20: other topics */
+	AT_CFG_GPU_OPEN_KILL = 21, /* bit g: kill an episode process that opens a GPU
+				      device without the GPU right (gpu_right map) */
+	AT_CFG_MAX = 22,
 };
 
 struct event_hdr {
@@ -199,11 +223,22 @@ struct memfd_event {
 	char name[AT_MEMFD_NAME_LEN];
 };
 
+/* open_event.verdict */
+#define AT_OPEN_KILLED (1u << 0)   /* no GPU right: SIGKILL sent at the open */
+#define AT_OPEN_RIGHT (1u << 1)    /* the process holds the GPU right */
+
+/* open_event.call */
+#define AT_OPEN_OPENAT 0
+#define AT_OPEN_OPEN 1
+#define AT_OPEN_OPENAT2 2
+
 struct open_event {
 	struct event_hdr h;
 	__s32 flags;
 	__s32 result;
 	char path[AT_OPEN_PATH_LEN];
+	__u32 verdict;
+	__u32 call;
 };
 
 struct deny_event {
@@ -228,6 +263,16 @@ struct cgroup_event {
 	__s32 level;          /* depth below the cgroup2 root */
 	__u32 _pad;
 	char path[AT_CGROUP_PATH_LEN]; /* e.g. /agent-tracer/<ID>[/sub] */
+};
+
+struct escape_event {
+	struct event_hdr h;   /* the process that wrote cgroup.procs */
+	__u64 dst_id;         /* cgroup id of the destination */
+	__u32 target;         /* the moved process (thread-group leader) */
+	__u32 slot;           /* episode slot it stays a member of */
+	__u32 flags;          /* AT_ESC_* */
+	__s32 dst_level;
+	char dst_path[AT_CGROUP_PATH_LEN]; /* below the cgroup2 root */
 };
 
 /* wire_event.call: the syscall of the first write */

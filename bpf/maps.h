@@ -10,7 +10,9 @@ BPF_PERCPU_ARRAY(counters, u64, AT_CNT_MAX);
 BPF_ARRAY(config, u64, AT_CFG_MAX);
 
 /* scope: episode cgroups (cgroup id -> episode identity, events.h) and
- * tracked processes (tgid -> source | identity << 8). Sizes: docs/scale.md. */
+ * tracked processes (tgid -> source | identity << 8; source AT_TRACK_*: every
+ * member of an episode cgroup is tracked too, so that it stays a member when
+ * moved out, see membership.h). Sizes: docs/scale.md. */
 BPF_HASH(episode_cgroups, u64, u32, 32768);
 BPF_HASH(tracked, u32, u32, 262144);
 
@@ -68,5 +70,11 @@ BPF_LPM_TRIE(exc6, struct lpm6_key, u64, 8192);
 BPF_HASH(deny_port, u32, u64, 65536);              /* gen<<16|port -> mask */
 BPF_HASH(exc_port, u32, u64, 65536);
 BPF_ARRAY(gpu_prefixes, struct gpu_prefix, AT_GPU_PREFIX_MAX);
+/* the GPU right (tgid -> AT_GPU_RIGHT): granted by user space to an
+ * episode's registered GPU process (and to an exec of an executable its
+ * registration names), inherited at fork, dropped at exec and exit; with
+ * AT_CFG_GPU_OPEN_KILL an episode process without it is killed at a GPU
+ * device open (bpf/gpu.h) */
+BPF_HASH(gpu_right, u32, u32, 16384);
 
 #endif

@@ -43,13 +43,17 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	u32 *src = tracked.lookup(&tgid);
 	u32 fflags = 0;
 	if (src) {
-		u32 v = (*src & ~0xffu) | AT_TRACK_LINEAGE;
+		/* a child of a cgroup member (or of an escaped one) is one too: it
+		 * is where its parent is, and stays a member if moved */
+		u32 v = *src;
+		if ((v & 0xff) == AT_TRACK_ENV)
+			v = (v & ~0xffu) | AT_TRACK_LINEAGE;
 		if (tracked.update(&child, &v))
 			fflags |= AT_FORK_UNTRACKED;
 	} else if (!AT_SCOPE_ALL || cgroup_slot() >= 0) {
 		int slot = cgroup_slot();
 		if (slot >= 0) {
-			u32 v = ((u32)slot << 8) | AT_TRACK_LINEAGE;
+			u32 v = ((u32)slot << 8) | AT_TRACK_CGROUP;
 			if (tracked.update(&child, &v))
 				fflags |= AT_FORK_UNTRACKED;
 		}
@@ -58,6 +62,11 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	 * child that only lineage kept in its episode: fail closed) */
 	if (fflags)
 		count(AT_CNT_MAP_FULL);
+	/* the GPU right passes to a fork (a worker that did not exec) */
+	if (gpu_right.lookup(&tgid)) {
+		u32 r = AT_GPU_RIGHT;
+		gpu_right.update(&child, &r);
+	}
 	RESERVE(e, struct fork_event, AT_EV_FORK);
 	e->child_pid = child;
 	e->flags = fflags;
@@ -208,12 +217,17 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	ck.gen = (u32)cfg(AT_CFG_GEN);
 	bpf_get_current_comm(ck.comm, sizeof(ck.comm));
 	u8 kill = comm_verdict(kill_comms.lookup(&ck));
-	int scoped = p != 0;
-	/* an episode process whose execve was not seen (exec_pending full, or a
-	 * 32-bit execve, which skips the syscalls tracepoints) is still judged:
-	 * kill list and gate apply, argv is read from /proc */
-	if (!p && in_episode(tgid))
-		scoped = 1;
+	/* scope is decided here, whatever syscall entry produced the exec: a
+	 * 32-bit int 0x80 execve passes no syscalls:* tracepoint, so it has no
+	 * pending record (nor has an exec whose pending entry did not fit) */
+	int cg_slot = cgroup_slot();
+	int scoped = p != 0 || in_scope(tgid);
+	if (cg_slot >= 0 && !tracked.lookup(&tgid)) {
+		/* a member of an episode cgroup the attach/fork paths did not see
+		 * (e.g. clone3 CLONE_INTO_CGROUP from outside): tracked from here */
+		u32 v = ((u32)cg_slot << 8) | AT_TRACK_CGROUP;
+		tracked.update(&tgid, &v);
+	}
 
 	/* known-bad names: killed here, before the new image runs */
 	if (kill == 2 || (kill == 1 && scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1))) {
@@ -223,6 +237,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		kill = 0;
 	}
 	u32 flags = p ? p->flags : AT_EXEC_NO_ARGV;
+	if (!p && scoped)
+		count(AT_CNT_EXEC_NO_ARGV);
+	/* the GPU right does not pass through an exec: user space re-grants it
+	 * (in the gate) when the registration names the new executable */
+	if (gpu_right.lookup(&tgid)) {
+		gpu_right.delete(&tgid);
+		flags |= AT_EXEC_GPU_RIGHT;
+	}
 	if (kill) {
 		flags |= AT_EXEC_KILLED;
 	} else if (exec_gate(scoped, tgid, &ck)) {
@@ -240,9 +262,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		}
 	}
 	if (!p) {
-		/* out of scope: reported only when killed or gated (scope = "all"
-		 * rules), or an episode's exec not seen at execve; argv was not
-		 * captured there */
+		/* no syscall-entry record: in scope (a 32-bit execve, a full
+		 * pending map) it is reported and, when execs are gated, held for
+		 * user space to read argv from /proc; out of scope only when
+		 * killed or gated (scope = "all" rules) */
 		if (!scoped && !(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
 			return 0;
 		struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
@@ -366,10 +389,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
-	if (tid != tgid) {
-		tracked.delete(&tid);
+	/* the process ends with its last thread: a leader that leaves early
+	 * (pthread_exit, SYS_exit) does not drop the rest of the group */
+#if AT_HAVE_GROUP_DEAD
+	if (!args->group_dead)
 		return 0;
-	}
+#else
+	if (tid != tgid)
+		return 0;
+#endif
 	int scoped = in_scope(tgid);
 	struct exit_info *info = exit_info.lookup(&tgid);
 	s32 code = -1, sig = 0;
@@ -381,6 +409,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	tracked.delete(&tgid);
 	gated.delete(&tgid);
 	self_tree.delete(&tgid);
+	gpu_right.delete(&tgid);
 	if (!scoped)
 		return 0;
 	RESERVE(e, struct exit_event, AT_EV_EXIT);

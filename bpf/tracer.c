@@ -8,6 +8,8 @@
  *   AT_EPISODE_LEVEL  cgroup level of <cgroup2>/agent-tracer/<ID> (0: off)
  *   AT_RINGBUF_PAGES  ring buffer size in pages (power of two)
  *   AT_ENV_MARKER     1: look for AGENT_EPISODE_ID= in envp at execve
+ *   AT_EPISODE_PREFIX "/agent-tracer/": the episode root's path below cgroup2
+ *   AT_HAVE_GROUP_DEAD 1: sched_process_exit has group_dead (kernel 6.16+)
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -31,6 +33,9 @@
 #ifndef AT_ENV_MARKER
 #define AT_ENV_MARKER 1
 #endif
+#ifndef AT_HAVE_GROUP_DEAD
+#define AT_HAVE_GROUP_DEAD 0
+#endif
 #define AT_ENV_SCAN_MAX 96
 #define AT_SIGSTOP 19
 #define AT_SIGKILL 9
@@ -47,3 +52,4 @@
 #include "gpu.h"
 #include "deny.h"
 #include "wire.h"
+#include "membership.h"

@@ -74,9 +74,12 @@ def test_samples_become_attributed_records(backend, tmp_path):
     fake = backend(FakeNvml("hog.json", pids={"hog": 100, "small": 200}))
     w, clock = _watcher(tr, tmp_path)
     first, second = _run(w, clock, fake, 2)
-    assert [r["type"] for r in first] == ["gpu_status", "gpu_node", "gpu", "gpu", "gpu_total", "gpu_total"]
+    # nothing registered: both episodes' use counts against their budgets (gpu_budget)
+    assert [r["type"] for r in first] == ["gpu_status", "gpu_node", "gpu", "gpu", "gpu_total", "gpu_total",
+                                          "gpu_budget", "gpu_budget"]
     assert first[0]["status"] == "ok"
-    assert [r["type"] for r in second] == ["gpu_node", "gpu", "gpu", "gpu_total", "gpu_total"]  # status once
+    assert [r["type"] for r in second] == ["gpu_node", "gpu", "gpu", "gpu_total", "gpu_total",
+                                           "gpu_budget", "gpu_budget"]  # status once
     node = _of(second, "gpu_node")[0]["gpus"]
     assert node[0] == {"index": 0, "uuid": "GPU-aaaa", "name": "NVIDIA H100 80GB HBM3", "util": 97, "mem_util": 0,
                        "mem_used_mib": 6500.0, "mem_total_mib": 81559.0, "power_w": 520.0}

@@ -194,7 +194,8 @@ def await_registration(episode: str, control_socket: str | os.PathLike[str] | No
 def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                 cwd: str | None = None, verdict_dir: Path = VERDICT_DIR, keep_stragglers: bool = False,
                 verdict_file: Path | None = None, timeout: float | None = None,
-                gpu: bool = False, control_socket: str | os.PathLike[str] | None = CONTROL_SOCKET,
+                gpu: bool = False, gpu_exes: Sequence[str] = (),
+                control_socket: str | os.PathLike[str] | None = CONTROL_SOCKET,
                 register_timeout: float = REGISTER_TIMEOUT_S) -> EpisodeResult:
     """Run argv as episode `episode` in its own cgroup and wait for it.
 
@@ -203,7 +204,8 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     it (its concurrent-episode limit) or did not answer within
     register_timeout. When argv exits, processes it left behind in the
     cgroup are killed (unless keep_stragglers) and the cgroup is removed.
-    gpu=True registers argv's process as the episode's GPU process
+    gpu=True registers argv's process as the episode's GPU process; gpu_exes
+    (globs) are the executables that keep the GPU right through an exec
     (docs/gpu.md)."""
     if not argv:
         raise EpisodeError("no command given")
@@ -241,7 +243,7 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
         if gpu:  # registered before the command runs an instruction
-            register(episode, os.getpid())
+            register(episode, os.getpid(), exes=gpu_exes)
 
     proc = None
     try:

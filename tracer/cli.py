@@ -162,10 +162,13 @@ def episode() -> None:
               help="Leave processes the command left behind running (default: kill them).")
 @click.option("--timeout", type=float, default=None, help="Kill the episode after this many seconds.")
 @click.option("--gpu", is_flag=True,
-              help="Register COMMAND as the episode's GPU process: it and what it starts running the same "
-                   "program may use GPUs (docs/gpu.md).")
+              help="Register COMMAND as the episode's GPU process: it and the workers it forks (without exec) "
+                   "may use GPUs (docs/gpu.md).")
+@click.option("--gpu-exe", "gpu_exes", multiple=True, metavar="GLOB",
+              help="With --gpu: an executable (glob) that keeps the GPU right when a process holding it execs "
+                   "it, e.g. the trainer's Python for spawn/torchrun workers. Repeatable.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def episode_run(episode_id, verdict_file, keep_stragglers, timeout, gpu, command) -> None:
+def episode_run(episode_id, verdict_file, keep_stragglers, timeout, gpu, gpu_exes, command) -> None:
     """Run COMMAND as episode ID in its own cgroup and exit with its code.
 
     Exits 86 when policy killed the episode, 128+N when it died of signal N.
@@ -179,7 +182,8 @@ def episode_run(episode_id, verdict_file, keep_stragglers, timeout, gpu, command
 
     try:
         res = run_episode(episode_id, list(command), verdict_file=verdict_file,
-                          keep_stragglers=keep_stragglers, timeout=timeout, gpu=gpu)
+                          keep_stragglers=keep_stragglers, timeout=timeout, gpu=gpu or bool(gpu_exes),
+                          gpu_exes=gpu_exes)
     except (EpisodeError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except PermissionError as e:

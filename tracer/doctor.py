@@ -67,6 +67,7 @@ def run_checks(selftest: bool = True) -> list[Check]:
         out.append(Check("tracepoints", "fail" if missing else "ok",
                          f"missing: {', '.join(missing)}" if missing else f"all {len(TRACEPOINTS)} present",
                          "a kernel with CONFIG_FTRACE_SYSCALLS and the sched/signal/task tracepoints"))
+        out.extend(hook_checks(tfs))
     try:
         from .cgroups import cgroup2_mount
 
@@ -93,6 +94,35 @@ def run_checks(selftest: bool = True) -> list[Check]:
     out.append(_gpu_check())
     if selftest and root and all(c.status != "fail" for c in out if c.required):
         out.extend(_selftest())
+    return out
+
+
+# the hooks of membership, exec and GPU opens, and what each one gives
+# (the programs need them: a missing one fails like a missing tracepoint)
+HOOKS = (
+    ("cgroup/cgroup_attach_task", "membership: a member moved out of its episode cgroup stays a member (escape records)"),
+    ("cgroup/cgroup_mkdir", "episode cgroups named before anything runs in them"),
+    ("sched/sched_process_exec", "exec decisions for every entry: 32-bit int 0x80, execve, execveat, fexecve "
+                                 "(argv from /proc of the held task when no syscall record)"),
+    ("syscalls/sys_enter_openat2", "GPU device opens through openat2"),
+    ("syscalls/sys_enter_open", "GPU device opens through open(2)"),
+)
+
+
+def hook_checks(tfs: Path) -> list[Check]:
+    from .probes import tracepoint_has_field
+
+    out = []
+    for tp, gives in HOOKS:
+        have = (tfs / "events" / tp).exists()
+        out.append(Check(f"hook:{tp.split('/')[1]}", "ok" if have else "fail", gives if have else f"missing: {gives}",
+                         "a kernel with this tracepoint (cgroup tracepoints: 4.x; openat2: 5.6)"))
+    gd = tracepoint_has_field("sched", "sched_process_exit", "group_dead")
+    out.append(Check("hook:exit_group_dead", "ok" if gd else "warn",
+                     "a thread-group leader that exits early does not end the tracking of its threads" if gd else
+                     "no group_dead (kernel < 6.16): a process stops being tracked when its leader exits, "
+                     "threads that outlive it leave the episode's scope",
+                     "kernel >= 6.16", required=False))
     return out
 
 

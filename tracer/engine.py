@@ -93,6 +93,11 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, mo
             km.gate_comms[comm[:COMM_MAX]] = 2
         km.gate_all = bool(plan.gate_all)
         km.gate_all_global = bool(getattr(plan, "gate_all_global", False))
+        # GPU opens without the GPU right killed in the kernel: every episode
+        # exec is gated, so an exec that keeps the right (tracer.gpu_allow)
+        # gets it back before the new image runs
+        km.gpu_open_kill = bool(getattr(plan, "gpu_open_kill", False))
+        km.gate_all = km.gate_all or km.gpu_open_kill
     deny4: dict[Any, int] = {}
     deny6: dict[Any, int] = {}
     exc4: dict[Any, int] = {}
@@ -222,7 +227,8 @@ def make_context(tracker):
     from .policy import EvalContext
 
     live = LiveContext(tracker)
-    ctx = EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256, gpu_allowed=GpuAllow(tracker).allowed,
+    ctx = EvalContext(ancestors_exe=live.ancestors_exe, sha256=live.sha256,
+                      gpu_allowed=GpuAllow.for_tracker(tracker).allowed,
                       stdio_sockets=live.stdio_sockets, ssh_config=live.ssh_config)
     return ctx, live
 
@@ -273,6 +279,8 @@ class Engine:
         self.gate_timeouts = 0
         self.gate_races = 0
         self._reload_requested = False
+        self.gpu_rights = None  # tracer.gpu_allow.GpuRights once attached to the kernel
+        self._budget_fired: set[tuple[str, str | None]] = set()
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
@@ -301,6 +309,9 @@ class Engine:
             release_gated=probes.release_gated,
         )
         self.ctx, self.live_ctx = make_context(tracker)
+        from .gpu_allow import GpuAllow, GpuRights
+
+        self.gpu_rights = GpuRights(GpuAllow.for_tracker(tracker), probes)
 
     def _slots(self) -> dict[int, str]:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
@@ -329,6 +340,10 @@ class Engine:
             return []
         if t == "exit":
             self._gate_seen.pop(rec.get("pid"), None)
+        if t == "exec" and rec.get("argv_unreadable") and rec.get("gated") and not rec.get("killed_in_kernel"):
+            return self._unjudgeable_exec(rec)
+        if self.gpu_rights is not None:
+            self.gpu_rights.observe(rec)
         verdicts = self.policy.evaluate(rec, self.ctx, self.holds)  # holds: durations (for_s) of gpu rules
         if t == "exec" and self.live_ctx is not None:
             # on record, so replay judges what the gate saw (files and sockets as they were)
@@ -338,13 +353,20 @@ class Engine:
             cfg = self.live_ctx.ssh_config_seen.pop(rec.get("pid"), None) if self.live_ctx.ssh_config_seen else None
             if cfg is not None and "ssh_config" not in rec:
                 rec["ssh_config"] = cfg
+        if t == "gpu_budget" and verdicts:
+            # a window stays over budget for a while: one verdict per rule and episode
+            fired = self._budget_fired
+            if len(fired) > 4096:
+                fired.clear()
+            verdicts = [v for v in verdicts if (v.rule, rec.get("episode")) not in fired]
+            fired.update((v.rule, rec.get("episode")) for v in verdicts)
         out = []
         enforcing_verdict = False
         for v in verdicts:
             action = getattr(v.action, "value", v.action)
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
-            already = t == "exec" and bool(rec.get("killed_in_kernel"))
+            already = t in ("exec", "gpu_open") and bool(rec.get("killed_in_kernel"))
             held = (t == "exec" and rec.get("gated")) or (t == "protocol" and rec.get("held"))
             if action == "freeze-episode" and held:
                 outcome = self.enforcer.apply(action, rec)
@@ -361,6 +383,27 @@ class Engine:
         elif t == "protocol" and rec.get("held") and not enforcing_verdict:
             self._continue(rec["pid"])
         return out
+
+    def _unjudgeable_exec(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """A gated exec whose argv could not be read (no syscall-entry
+        record and no /proc/<pid>/cmdline): it cannot be judged, so it gets
+        the gate default, like a verdict that did not come in time (an
+        episode's process is killed unless --gate-default allow)."""
+        pid = rec["pid"]
+        allow = self.gate_default == "allow" or self.monitor or not rec.get("episode")
+        if allow:
+            self._continue(pid)
+        else:
+            self._gate_seen.pop(pid, None)
+            self.probes.release_gated(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.gate_timeouts += 1
+        return [{"type": "gate_timeout", "ts": time.time(), "pid": pid, "episode": rec.get("episode"),
+                 "exe": rec.get("exe"), "verdict": "allowed" if allow else "killed",
+                 "reason": "argv unreadable", "timeout_s": 0}]
 
     def _continue(self, pid: int) -> None:
         self._gate_seen.pop(pid, None)

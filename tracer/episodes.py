@@ -7,6 +7,11 @@ Membership, strongest first:
      double fork, setsid and reparenting to init, because it is inherited at
      fork time, not looked up through the parent later).
 
+Membership cannot be left: a cgroup member moved to a cgroup outside its
+episode (the kernel's `escape` record, or a record showing it in a cgroup
+outside the episode) stays a member with membership `escaped`
+(tracer.membership).
+
 The Tracker enriches every record with `episode`, `membership`, `ppid` and
 `exe`, and emits `episode_start` / `episode_end` records. It works the same
 on live kernel records and on recorded JSONL (`live=False`: nothing is read
@@ -27,7 +32,7 @@ from .slots import DEFAULT_MAX_EPISODES, SlotsExhausted, SlotTable
 
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
-     "protocol"}
+     "protocol", "escape"}
 )
 
 # an episode cgroup found gone by a directory scan ends only this long after
@@ -283,6 +288,13 @@ class Tracker:
         if self.cgroups.first_miss(p.cgroup):
             self.pending.extend(self.scan_cgroups(time.time()))
         ep = self.cgroups.episode_of(p.cgroup)
+        if p.membership in ("cgroup", "escaped") and p.episode and ep != p.episode:
+            # a member now in a cgroup outside its episode stays a member
+            # (tracer.membership says so once, as an escape record)
+            from .membership import left_cgroup
+
+            if left_cgroup(self, p):
+                return
         if ep is not None:
             p.episode, p.membership = ep, "cgroup"
             return
@@ -307,6 +319,10 @@ class Tracker:
             return self._cgroup_made(rec)
         if t == "cgroup_rmdir":
             return self._cgroup_removed(rec)
+        if t == "escape":
+            from .membership import observe_escape
+
+            return observe_escape(self, rec)
         if t not in KERNEL_TYPES:
             if t == "episode_start" and rec.get("episode"):
                 self._start(rec["episode"], rec.get("source", "cgroup"), rec.get("ts", 0.0),
@@ -344,14 +360,19 @@ class Tracker:
             exe, cwd = rec.get("exe"), rec.get("cwd")
             if self.live:
                 if rec.pop("argv_from_proc", False):
-                    # out of scope at execve (gated or killed by a scope = "all"
-                    # rule): the process is stopped right after exec, so its
-                    # cmdline is the new image's argv
-                    rec["argv"] = _cmdline(pid)
-                exe = _readlink(f"/proc/{pid}/exe") or _absolute(rec.get("filename"), cwd)
+                    # no syscall-entry record (out of scope at execve, a 32-bit
+                    # execve, a full pending map): the process is stopped right
+                    # after exec (gated), so its cmdline is the new image's argv
+                    argv = _cmdline_or_none(pid)
+                    rec["argv"] = argv or []
+                    rec["argv_source"] = "proc"
+                    if argv is None:
+                        rec["argv_unreadable"] = True  # the engine applies the gate default
+                real = _readlink(f"/proc/{pid}/exe")
+                exe = real or _absolute(rec.get("filename"), cwd)
                 cwd = _readlink(f"/proc/{pid}/cwd")
                 rec["exe"], rec["cwd"] = exe, cwd
-                rec["fileless"] = _fileless(exe, rec.get("filename"))
+                rec["fileless"] = _fileless(exe, rec.get("filename"), exe_known=real is not None)
             table.exec(pid, exe, rec.get("argv") or [], cwd)
             # the new image's environment is what counts
             p.env_episode = rec.get("env_episode")
@@ -361,6 +382,9 @@ class Tracker:
         else:
             self._resolve(p)
         if self.pending:
+            for r in self.pending:
+                if r.get("ts") is None:
+                    r["ts"] = now
             out.extend(self.pending)
             self.pending.clear()
         rec["episode"] = p.episode
@@ -421,7 +445,7 @@ class Tracker:
         elif p.env_episode:
             if mem != "env" or ep != p.env_episode:
                 return None
-        elif mem == "lineage" and ep:
+        elif (mem == "lineage" or mem == "escaped") and ep:
             pass
         elif ep is None and mem is None:
             parent = self.table.procs.get(p.ppid) if p.ppid else None
@@ -511,6 +535,17 @@ def _readlink(path: str) -> str | None:
         return None
 
 
+def _cmdline_or_none(pid: int) -> list[str] | None:
+    """argv from /proc/<pid>/cmdline; None when it cannot be read (gone,
+    or an image with no argv left to read)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]] if raw else None
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -528,9 +563,16 @@ def _absolute(filename: str | None, cwd: str | None) -> str | None:
     return os.path.normpath(os.path.join(cwd, filename))
 
 
-def _fileless(exe: str | None, filename: str | None) -> bool:
+_FD_PATH = re.compile(r"^/(dev/fd|proc/(self|thread-self|\d+)(/task/\d+)?/fd)/\d+$")
+
+
+def _fileless(exe: str | None, filename: str | None, exe_known: bool = False) -> bool:
+    """The new image is not a file on disk: a memfd, a deleted (or
+    O_TMPFILE) file. Executed through a descriptor (/dev/fd/N,
+    /proc/self/fd/N, execveat(fd, "", AT_EMPTY_PATH)), it counts as fileless
+    unless the process's real executable (exe_known) is a linked file."""
     if exe and (exe.startswith("/memfd:") or exe.endswith(" (deleted)")):
         return True
-    if filename and (filename.startswith("/dev/fd/") or filename.startswith("/proc/self/fd/")):
-        return True
+    if filename and _FD_PATH.match(filename):
+        return not exe_known or not exe or _FD_PATH.match(exe) is not None
     return False

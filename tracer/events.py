@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     GATE_RACE = 11
     PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
+    ESCAPE = 18  # an episode member was moved to a cgroup outside its episode (escape_event)
     CGROUP_RMDIR = 28  # ... was removed, after every record of what ran in it (cgroup_event)
 
     @property
@@ -47,7 +48,8 @@ EXEC_ENV_MARKER = 1 << 1
 EXEC_KILLED = 1 << 2
 EXEC_GATED = 1 << 3
 EXEC_KILL_WOULD = 1 << 4
-EXEC_NO_ARGV = 1 << 5  # out of scope at execve: argv comes from /proc/<pid>/cmdline
+EXEC_NO_ARGV = 1 << 5  # no syscall-entry record: argv comes from /proc/<pid>/cmdline
+EXEC_GPU_RIGHT = 1 << 6  # held the GPU right before this exec
 
 # episode identity: generation << SLOT_BITS | slot index (bpf/events.h)
 SLOT_BITS = 13
@@ -60,6 +62,19 @@ SLOT_CANARY = IDENT_MASK
 # tracked map value
 TRACK_ENV = 1
 TRACK_LINEAGE = 2
+TRACK_CGROUP = 3
+TRACK_ESCAPED = 4
+
+# escape_event.flags
+ESC_OUTSIDE = 1 << 0
+ESC_BY_OTHER = 1 << 1
+ESC_UNTRACKED = 1 << 2
+
+# gpu_right map value; open_event.verdict and .call
+GPU_RIGHT = 1
+OPEN_KILLED = 1 << 0
+OPEN_RIGHT = 1 << 1
+OPEN_CALLS = {0: "openat", 1: "open", 2: "openat2"}
 
 
 class Counter(enum.IntEnum):
@@ -68,6 +83,9 @@ class Counter(enum.IntEnum):
     EXEC_KILLED = 2
     DENIED = 3
     WIRE_HELD = 4
+    ESCAPES = 10
+    EXEC_NO_ARGV = 11
+    GPU_OPEN_KILLED = 12
     MAP_FULL = 22
     SLOT_STALE = 23
 
@@ -93,9 +111,10 @@ class Config(enum.IntEnum):
     GATE_ALL_GLOBAL = 14
     WIRE_HOLD = 15
     MONITOR = 16
+    GPU_OPEN_KILL = 21
 
 
-CONFIG_MAX = 17
+CONFIG_MAX = 22
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
@@ -182,7 +201,8 @@ LAYOUTS: dict[Kind, Layout] = {
         + (("fd", "i"), ("backlog", "i"), ("result", "i"), ("addrlen", "I"), ("addr", f"{SOCKADDR_LEN}s")),
     ),
     Kind.MEMFD: Layout("memfd_event", HDR_FIELDS + (("flags", "I"), ("result", "i"), ("name", f"{MEMFD_NAME_LEN}s"))),
-    Kind.GPU_OPEN: Layout("open_event", HDR_FIELDS + (("flags", "i"), ("result", "i"), ("path", f"{OPEN_PATH_LEN}s"))),
+    Kind.GPU_OPEN: Layout("open_event", HDR_FIELDS + (("flags", "i"), ("result", "i"), ("path", f"{OPEN_PATH_LEN}s"),
+                                                      ("verdict", "I"), ("call", "I"))),
     Kind.DENY: Layout(
         "deny_event",
         HDR_FIELDS
@@ -214,6 +234,11 @@ LAYOUTS: dict[Kind, Layout] = {
     ),
     Kind.CGROUP_MKDIR: Layout(
         "cgroup_event", HDR_FIELDS + (("id", "Q"), ("level", "i"), ("_pad", "I"), ("path", f"{CGROUP_PATH_LEN}s"))
+    ),
+    Kind.ESCAPE: Layout(
+        "escape_event",
+        HDR_FIELDS + (("dst_id", "Q"), ("target", "I"), ("slot", "I"), ("flags", "I"), ("dst_level", "i"),
+                      ("dst_path", f"{CGROUP_PATH_LEN}s")),
     ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
@@ -303,6 +328,8 @@ def _exec(v: tuple) -> dict[str, Any]:
     argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:argc]]
     if flags & EXEC_NO_ARGV:
         r["argv_from_proc"] = True  # the tracker reads /proc/<pid>/cmdline
+    if flags & EXEC_GPU_RIGHT:
+        r["gpu_right_before"] = True  # tracer.gpu_allow re-grants it for a named executable
     r["old_pid"] = v[10]
     r["filename"] = cstr(v[11])
     r["argv"] = argv
@@ -355,7 +382,9 @@ def _memfd(v: tuple) -> dict[str, Any]:
 
 def _open(v: tuple) -> dict[str, Any]:
     return {"type": "gpu_open", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
-            "comm": _comm(v[6]), "flags": v[7], "result": v[8], "path": cstr(v[9])}
+            "comm": _comm(v[6]), "flags": v[7], "result": v[8], "path": cstr(v[9]),
+            "killed_in_kernel": bool(v[10] & OPEN_KILLED), "gpu_right": bool(v[10] & OPEN_RIGHT),
+            "call": OPEN_CALLS.get(v[11], str(v[11]))}
 
 
 def _deny(v: tuple) -> dict[str, Any]:
@@ -397,6 +426,14 @@ def _cgroup_rmdir(v: tuple) -> dict[str, Any]:
     r = _cgroup_mkdir(v)
     r["type"] = "cgroup_rmdir"
     return r
+def _escape(v: tuple) -> dict[str, Any]:
+    # the record's process is the mover; `pid` is the moved process (the
+    # member), `by_pid` the one that wrote cgroup.procs
+    f = v[10]
+    return {"type": "escape", "ktime": v[0], "cgroup": None, "pid": v[8], "tid": v[8], "uid": v[5],
+            "comm": None, "by_pid": v[3], "by_comm": _comm(v[6]), "by_cgroup": v[1], "dst_cgroup": v[7],
+            "slot": v[9], "dst_level": v[11], "dst_path": cstr(v[12]), "outside": bool(f & ESC_OUTSIDE),
+            "by_other": bool(f & ESC_BY_OTHER), "untracked": bool(f & ESC_UNTRACKED)}
 
 
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
@@ -414,6 +451,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
     Kind.CGROUP_RMDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_rmdir),
+    Kind.ESCAPE: (_STRUCTS[Kind.ESCAPE], _escape),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum

@@ -15,6 +15,11 @@ which turns the samples queued since into records:
 * `gpu_total`: per episode that used a GPU, its running totals (peak memory,
   SM-seconds, MiB-seconds, processes), one per sample, and a final one
   (`final: true`) when the episode ends.
+* `gpu_budget`: per episode whose processes *without the GPU right* used a
+  GPU in the last BUDGET_WINDOWS seconds, their SM-seconds and MiB-seconds
+  summed over each window across all such processes: pulsing under a
+  per-process threshold, or cycling through short-lived pids, adds up here
+  (rules in gpu.toml: gpu-*-budget-in-episode).
 
 Attribution and totals run in the loop thread, so the process table is
 never read from two threads. An NVML call that hangs delays only the
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from .proctable import Proc, read_proc
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 1.0
 QUEUE_MAX = 64  # samples waiting for the loop thread; older ones are dropped (counted)
+BUDGET_WINDOWS = (60, 600)  # seconds: gpu_budget sums over each (fields sm_s_60, mib_s_600, ...)
 
 
 @dataclass
@@ -61,13 +68,16 @@ class GpuWatcher:
         self.tracker = tracker
         self.interval = interval
         self.sampler = sampler or Sampler()
-        self.allow = allow or GpuAllow(tracker)
+        self.allow = allow or GpuAllow.for_tracker(tracker)
         self.status: str | None = None
         self.totals: dict[str, EpisodeGpu] = {}
         self.dropped = 0
         self.samples = 0
         self._q: queue.Queue[Sample] = queue.Queue(QUEUE_MAX)
         self._ended: list[tuple[str, float]] = []
+        # per episode: (ts, sm_s, mib_s, pids) of its processes without the GPU
+        # right, one entry per sample, the last max(BUDGET_WINDOWS) seconds
+        self.budget: dict[str, deque[tuple[float, float, float, frozenset[int]]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,6 +140,7 @@ class GpuWatcher:
                 break
             out.extend(self.records_for(s))
         for ep, ts in self._ended:
+            self.budget.pop(ep, None)
             t = self.totals.pop(ep, None)
             if t is not None:
                 out.append(t.record(ep, ts, final=True))
@@ -151,6 +162,7 @@ class GpuWatcher:
              "mem_used_mib": d.mem_used_mib, "mem_total_mib": d.mem_total_mib, "power_w": d.power_w}
             for d in s.devices]})
         per_ep: dict[str, tuple[float, float]] = {}
+        unallowed: dict[str, tuple[float, float, set[int]]] = {}
         procs: dict[int, tuple[Proc | None, str | None, str | None]] = {}
         for ps in s.procs:
             if ps.pid not in procs:
@@ -166,6 +178,10 @@ class GpuWatcher:
                 "interval_s": self.interval,
             }
             out.append(rec)
+            if ep is not None and not rec["gpu_allowed"]:
+                umib, usm, upids = unallowed.setdefault(ep, (0.0, 0.0, set()))
+                upids.add(ps.pid)
+                unallowed[ep] = (umib + (ps.used_mib or 0.0), usm + (ps.sm_util or 0.0), upids)
             if ep is not None:
                 mib, sm = per_ep.get(ep, (0.0, 0.0))
                 per_ep[ep] = (mib + (ps.used_mib or 0.0), sm + (ps.sm_util or 0.0))
@@ -173,12 +189,44 @@ class GpuWatcher:
         for ep, (mib, sm) in per_ep.items():
             t = self.totals[ep]
             dt = min(s.ts - t.last_ts, 2.5 * self.interval) if t.samples else self.interval
+            if ep in unallowed:
+                umib, usm, upids = unallowed[ep]
+                self.budget.setdefault(ep, deque()).append((s.ts, usm / 100.0 * dt, umib * dt, frozenset(upids)))
             t.samples += 1
             t.last_ts = s.ts
             t.peak_mib = max(t.peak_mib, mib)
             t.mib_s += mib * dt
             t.sm_s += sm / 100.0 * dt
             out.append(t.record(ep, s.ts))
+        out.extend(self._budget_records(s.ts))
+        return out
+
+    def _budget_records(self, now: float) -> list[dict[str, Any]]:
+        """Windowed sums of GPU use without the GPU right, per episode."""
+        out = []
+        keep = max(BUDGET_WINDOWS)
+        for ep in list(self.budget):
+            q = self.budget[ep]
+            while q and now - q[0][0] >= keep:
+                q.popleft()
+            if not q:
+                del self.budget[ep]
+                continue
+            rec: dict[str, Any] = {"type": "gpu_budget", "ts": now, "episode": ep, "interval_s": self.interval}
+            pids: set[int] = set()
+            for w in BUDGET_WINDOWS:
+                sm = mib = 0.0
+                for ts, s_sm, s_mib, s_pids in q:
+                    if now - ts < w:
+                        sm += s_sm
+                        mib += s_mib
+                        if w == keep:
+                            pids |= s_pids
+                rec[f"sm_s_{w}"] = round(sm, 2)
+                rec[f"mib_s_{w}"] = round(mib, 1)
+            rec["pids"] = sorted(pids)
+            rec["pid"] = max(q[-1][3]) if q[-1][3] else None  # the latest such process (for the alert)
+            out.append(rec)
         return out
 
     def _attribute(self, pid: int) -> tuple[Proc | None, str | None, str | None]:

@@ -74,6 +74,25 @@ def episode_level(root: Path | None = None) -> int:
     return len(root.relative_to(cgroup2_mount()).parts) + 1
 
 
+def episode_prefix(root: Path | None = None) -> str:
+    """The episode root as the cgroup tracepoints name it (its path below
+    the cgroup2 root, with a trailing slash), e.g. "/agent-tracer/"."""
+    root = root or episode_root()
+    return "/" + str(root.relative_to(cgroup2_mount())).strip("/") + "/"
+
+
+def tracepoint_has_field(group: str, name: str, field_name: str) -> bool:
+    """Whether this kernel's tracepoint group:name has a field (its format
+    file in tracefs): e.g. sched_process_exit's group_dead (6.16+)."""
+    for base in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        try:
+            text = Path(f"{base}/events/{group}/{name}/format").read_text()
+        except OSError:
+            continue
+        return re.search(rf"\bfield:[^;]*\b{re.escape(field_name)};", text) is not None
+    return False
+
+
 _LOCAL_INCLUDE = re.compile(r'^#include "([a-z_]+\.h)"$', re.M)
 
 
@@ -109,6 +128,8 @@ class Probes:
             f"-DAT_EPISODE_LEVEL={episode_level(root)}",
             f"-DAT_RINGBUF_PAGES={cfg.ringbuf_pages}",
             f"-DAT_ENV_MARKER={int(cfg.env_marker)}",
+            f'-DAT_EPISODE_PREFIX="{episode_prefix(root)}"',
+            f"-DAT_HAVE_GROUP_DEAD={int(tracepoint_has_field('sched', 'sched_process_exit', 'group_dead'))}",
             *cfg.extra_cflags,
         ]
         t0 = time.monotonic()
@@ -305,6 +326,19 @@ class Probes:
         except KeyError:
             pass
 
+    # the GPU right (bpf/maps.h gpu_right): inherited at fork, dropped at exec
+    def gpu_grant(self, pid: int) -> None:
+        self.bpf["gpu_right"][ctypes.c_uint(pid)] = ctypes.c_uint(events.GPU_RIGHT)
+
+    def gpu_revoke(self, pid: int) -> None:
+        try:
+            del self.bpf["gpu_right"][ctypes.c_uint(pid)]
+        except KeyError:
+            pass
+
+    def gpu_rights(self) -> set[int]:
+        return {k.value for k in self.bpf["gpu_right"].keys()}
+
     # exec gate
     def gated(self) -> dict[int, int]:
         return {k.value: v.value for k, v in self.bpf["gated"].items()}
@@ -346,7 +380,7 @@ class Probes:
         t = self.bpf["slot_mask"]
         for k in [k for k in t.keys() if (k.value >> 24) == gen]:
             del t[k]
-        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD):
+        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD, Config.GPU_OPEN_KILL):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
             self._set_cfg(Config(base + gen), 0)
@@ -365,6 +399,8 @@ class Probes:
             self._set_cfg(Config.GATE_ALL_GLOBAL, self.get_cfg(Config.GATE_ALL_GLOBAL) | (1 << gen))
         if plan.wire_hold:
             self._set_cfg(Config.WIRE_HOLD, self.get_cfg(Config.WIRE_HOLD) | (1 << gen))
+        if plan.gpu_open_kill:
+            self._set_cfg(Config.GPU_OPEN_KILL, self.get_cfg(Config.GPU_OPEN_KILL) | (1 << gen))
         for name, entries in (("deny4", plan.deny4), ("deny6", plan.deny6), ("exc4", plan.exc4), ("exc6", plan.exc6)):
             t = self.bpf[name]
             for net, mask in entries.items():
@@ -429,6 +465,7 @@ class KernelMaps:
     gate_all: bool = False
     gate_all_global: bool = False  # every exec on the node (but the tracer's own tree)
     wire_hold: bool = False  # stop the writer after a candidate first write until user space rules
+    gpu_open_kill: bool = False  # kill episode processes without the GPU right at a GPU device open
     deny4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     deny6: dict[ipaddress.IPv6Network, int] = field(default_factory=dict)
     exc4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)

@@ -31,6 +31,7 @@ class Proc:
     membership: str | None = None  # cgroup | env | lineage
     exited: float | None = None  # monotonic time of exit
     execs: int = 0
+    forked: bool = False  # seen forked (a fork record): execs counts every exec since
     sock_types: dict[int, str] = field(default_factory=dict)  # fd -> stream/dgram/...
 
 
@@ -148,7 +149,7 @@ class ProcessTable:
 
     def fork(self, parent: int, child: int, now: float) -> Proc:
         pp = self.procs.get(parent)
-        c = Proc(pid=child, ppid=parent, start=now)
+        c = Proc(pid=child, ppid=parent, start=now, forked=True)
         if pp is not None:
             c.exe, c.argv, c.cwd, c.cgroup = pp.exe, pp.argv, pp.cwd, pp.cgroup
             c.comm, c.uid, c.env_episode = pp.comm, pp.uid, pp.env_episode

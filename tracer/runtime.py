@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .episodes import Tracker
-from .events import TRACK_ENV, TRACK_LINEAGE
+from .events import TRACK_CGROUP, TRACK_ENV, TRACK_ESCAPED, TRACK_LINEAGE
 from .paths import CONTROL_SOCKET, RUN_DIR
 from .pipeline import Pipeline, Sink
 from .probes import ProbeConfig, Probes
@@ -107,6 +107,8 @@ class Runtime:
         for r in self.tracker.seed(now):
             self.pipeline.emit(r)
         self._seed_kernel_membership()
+        if engine is not None and engine.gpu_rights is not None:
+            engine.gpu_rights.seed()  # processes already running that hold the GPU right
         if opts.preexisting_sockets:
             self._emit_preexisting_sockets()
         selftest = engine.selftest() if engine is not None else {}
@@ -156,7 +158,7 @@ class Runtime:
             return
         pl = self.pipeline
         for r in self.gpu.poll():
-            if r["type"] == "gpu":
+            if r["type"] in ("gpu", "gpu_budget"):
                 pl.handle(r)  # through the policy
             else:
                 pl.emit(r)
@@ -202,6 +204,10 @@ class Runtime:
                 for cg in e.cgroup_ids:
                     self.probes.remove_episode_cgroup(cg)
                 self.probes.clear_slot_mask(e.slot)
+        elif t == "escape" and rec.get("episode"):
+            # still a member: the kernel keeps it (and its slot's rules)
+            slot = self.tracker.episode_slot(rec["episode"]) or rec.get("slot") or 0
+            self.probes.track_pid(rec["pid"], TRACK_ESCAPED, slot)
         elif t == "exec" and rec.get("env_episode") and rec.get("membership") == "env":
             slot = self.tracker.episode_slot(rec["env_episode"]) or 0
             if not self.probes.track_pid(rec["pid"], TRACK_ENV, slot):
@@ -241,11 +247,13 @@ class Runtime:
         return getattr(eng, "on_episode_slot", None)
 
     def _seed_kernel_membership(self) -> None:
+        sources = {"env": TRACK_ENV, "cgroup": TRACK_CGROUP, "escaped": TRACK_ESCAPED}
         for p in self.tracker.table.live():
-            if p.episode is None or p.membership == "cgroup":
+            if p.episode is None:
                 continue
+            # cgroup members too: one that is moved out later stays a member (bpf/membership.h)
             slot = self.tracker.episode_slot(p.episode) or 0
-            self.probes.track_pid(p.pid, TRACK_ENV if p.membership == "env" else TRACK_LINEAGE, slot)
+            self.probes.track_pid(p.pid, sources.get(p.membership, TRACK_LINEAGE), slot)
         for e in self.tracker.episodes.values():
             for cg in e.cgroup_ids:
                 self.probes.add_episode_cgroup(cg, e.slot)

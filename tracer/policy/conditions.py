@@ -321,7 +321,18 @@ def _basename(s: Subject) -> list[str]:
                 out.append(name)
         if s.event.get("type") != "exec":
             break
+    # executed through a descriptor (fexecve, execveat(fd, "", AT_EMPTY_PATH),
+    # /proc/self/fd/N): the path says nothing; the kernel names the task
+    # after the file (kill lists match that comm in the kernel too)
+    fn = s.event.get("filename")
+    comm = s.event.get("comm")
+    if s.event.get("type") == "exec" and isinstance(fn, str) and isinstance(comm, str) and comm \
+            and _FD_EXEC.match(fn) and comm not in out:
+        out.append(comm)
     return out
+
+
+_FD_EXEC = re.compile(r"^/(dev/fd|proc/(self|thread-self|\d+)(/task/\d+)?/fd)/\d+$")
 
 
 def _gpu_allowed(s: Subject) -> Any:
@@ -474,6 +485,25 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("listener_exe", FType.STR, _ev("listener_exe")),
             FieldDef("same_process", FType.BOOL, _ev("same_process")),
             FieldDef("age_s", FType.NUM, _ev("age_s")),
+        ),
+    },
+    Kind.GPU_BUDGET: {  # tracer/gpu_watch.py: sums over the last 60 / 600 s, processes without the GPU right
+        **_COMMON,
+        **_defs(
+            FieldDef("sm_s_60", FType.NUM, _ev("sm_s_60")),
+            FieldDef("mib_s_60", FType.NUM, _ev("mib_s_60")),
+            FieldDef("sm_s_600", FType.NUM, _ev("sm_s_600")),
+            FieldDef("mib_s_600", FType.NUM, _ev("mib_s_600")),
+        ),
+    },
+    Kind.ESCAPE: {  # tracer/membership.py: the moved process stays a member
+        **_COMMON,
+        **_defs(
+            FieldDef("dst_path", FType.STR, _ev("dst_path")),
+            FieldDef("dst_episode", FType.STR, _ev("dst_episode")),
+            FieldDef("outside", FType.BOOL, _ev("outside")),
+            FieldDef("by_other", FType.BOOL, _ev("by_other")),
+            FieldDef("via", FType.STR, _ev("via")),
         ),
     },
 }

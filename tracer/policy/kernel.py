@@ -18,7 +18,7 @@ MAX_DENY_RULES = 63
 # Fields of a connect deny rule the cgroup sock_addr program can evaluate
 # (episode is resolved to cgroups by user space when it fills the maps).
 KERNEL_CONNECT_FIELDS = ("addr", "port", "family", "protocol", "sock_type", "episode")
-DENY_KINDS = (Kind.EXEC, Kind.CONNECT)
+DENY_KINDS = (Kind.EXEC, Kind.CONNECT, Kind.GPU_OPEN)
 _SOCK_TYPE_PROTOCOL = {"stream": "tcp", "dgram": "udp"}
 
 
@@ -69,6 +69,11 @@ class KernelPlan:
         gated. `gate_all_global`: such a rule has scope = "all": every exec
         on the node is gated.
     deny: connect/sendmsg deny rules, at most 63, index = position.
+    gpu_open_kill: an enabled `gpu_open` rule with action deny: an episode
+        process without the GPU right (tracer.gpu_allow) that opens a GPU
+        device (any path under the GPU prefixes) is killed in the kernel at
+        the open; every exec of an episode process is gated then, so that
+        an exec that keeps the right gets it back before the image runs.
 
     How the exec tracepoint uses it:
         episode process: SIGKILL if comm in kill_comms; else SIGSTOP (gate)
@@ -88,6 +93,7 @@ class KernelPlan:
     gate_all: bool = False
     gate_all_global: bool = False
     deny: tuple[DenyRule, ...] = ()
+    gpu_open_kill: bool = False
 
 
 def comm_of(name: str) -> tuple[str, bool]:
@@ -127,12 +133,16 @@ def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
     gate_all = False
     gate_global = False
     deny: list[DenyRule] = []
+    gpu_open_kill = False
     for rule in rules:
         if not rule.enabled or not rule.action.enforces:
             continue
         everywhere = rule.scope is Scope.ALL
         if rule.on is Kind.CONNECT and rule.action is Action.DENY:
             deny.append(deny_rule(rule, len(deny)))
+            continue
+        if rule.on is Kind.GPU_OPEN and rule.action is Action.DENY:
+            gpu_open_kill = True
             continue
         if rule.on is not Kind.EXEC:
             continue
@@ -165,6 +175,7 @@ def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
         gate_all=gate_all,
         gate_all_global=gate_global,
         deny=tuple(deny),
+        gpu_open_kill=gpu_open_kill,
     )
 
 
@@ -250,12 +261,14 @@ def deny_problems(
             DenyProblem(
                 None,
                 None,
-                f"deny is enforced in the kernel, which can deny only exec and connect; "
+                f"deny is enforced in the kernel, which can deny only exec, connect and gpu_open; "
                 f"use action = \"kill\" for '{on.value}' events",
             )
         ]
     if on is Kind.EXEC:
         return []
+    if on is Kind.GPU_OPEN:
+        return _gpu_deny_problems(match, excepts, scope)
     out: list[DenyProblem] = []
     seen: set[str] = set()
     for cond in match:
@@ -283,6 +296,27 @@ def deny_problems(
                     "(the kernel tests except addresses and except ports separately)",
                 )
             )
+    return out
+
+
+def _gpu_deny_problems(match: Sequence[Cond], excepts: Sequence[Sequence[Cond]], scope: Scope) -> list[DenyProblem]:
+    """A gpu_open deny is the kernel's kill of an episode process without the
+    GPU right at any open under the GPU device prefixes: nothing else can be
+    said in the kernel."""
+    out: list[DenyProblem] = []
+    for cond in match:
+        out.append(DenyProblem(None, cond, (
+            f"action \"deny\" on 'gpu_open' events kills, in the kernel, every episode process without the GPU "
+            f"right that opens a device under the GPU prefixes; it takes no match conditions ('{cond.field}'); "
+            f"use action = \"kill\" for a narrower rule")))
+    if scope is Scope.ALL:
+        out.append(DenyProblem(None, None, 'a gpu_open deny applies to episode processes only; use scope = "episodes"'))
+    ok = len(excepts) == 1 and len(excepts[0]) == 1 and excepts[0][0].field == "gpu_allowed" \
+        and getattr(excepts[0][0], "value", None) is True
+    if not ok:
+        out.append(DenyProblem(None, None, (
+            "a gpu_open deny needs exactly except = [ { gpu_allowed = true } ]: the kernel spares "
+            "the processes holding the GPU right and nothing else")))
     return out
 
 

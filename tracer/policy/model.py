@@ -53,6 +53,8 @@ class Kind(str, Enum):
     GPU_OPEN = "gpu_open"
     PROTOCOL = "protocol"
     RELAY = "relay"  # the reverse-tunnel shape (tracer/relay.py)
+    GPU_BUDGET = "gpu_budget"  # windowed GPU use of an episode's processes without the GPU right
+    ESCAPE = "escape"  # an episode member moved to a cgroup outside its episode (tracer/membership.py)
 
 
 class Scope(str, Enum):
