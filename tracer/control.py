@@ -718,21 +718,17 @@ class ControlClient:
         the first ``next``). Raises :class:`ConnectionLost` when the tracer
         goes away or sends nothing for `timeout` seconds (default: 3 intervals + 5 s).
         """
-        if timeout is None:
-            timeout = 3 * interval + 5.0
-        sock = self._connect(self.timeout)
-        try:
-            self._send(sock, {"op": "subscribe", "interval": interval, "alerts": alerts})
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(timeout)
-        return self._stream(sock)
+        return self._stream(self._subscribed(interval, alerts, timeout))
 
     def subscription(self, interval: float = 1.0, alerts: bool = True,
                      timeout: float | None = None) -> "Subscription":
         """Like :meth:`subscribe`, as an object another thread can :meth:`Subscription.close`
         to end a read that is waiting (``agent-tracer top`` reads it in a thread)."""
+        return Subscription(self, self._subscribed(interval, alerts, timeout))
+
+    def _subscribed(self, interval: float, alerts: bool, timeout: float | None) -> socket.socket:
+        """A socket that has sent the subscribe op, with the read timeout set
+        (default: 3 intervals + 5 s)."""
         if timeout is None:
             timeout = 3 * interval + 5.0
         sock = self._connect(self.timeout)
@@ -742,7 +738,7 @@ class ControlClient:
             sock.close()
             raise
         sock.settimeout(timeout)
-        return Subscription(self, sock)
+        return sock
 
     def _stream(self, sock: socket.socket) -> Iterator[dict]:
         try:

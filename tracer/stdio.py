@@ -20,11 +20,12 @@ not reported.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import time
 from typing import Any, Callable
+
+from .relay import _ip  # one parser of /proc and sock_diag address text
 
 TABLES = (("tcp", "inet", "tcp"), ("tcp6", "inet6", "tcp"), ("udp", "inet", "udp"), ("udp6", "inet6", "udp"))
 
@@ -52,16 +53,6 @@ def parse_table(text: str, family: str, inodes: set[int]) -> list[tuple[int, str
         except ValueError:
             continue
     return out
-
-
-def _ip(a: str):
-    try:
-        ip = ipaddress.ip_address(a.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def peer_is_local(peer: str, local: str, node_addrs: frozenset[str]) -> bool:
