@@ -152,9 +152,10 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, mo
 
 
 def wire_hold(policy) -> bool:
-    """Hold the writer of a candidate first write (SSH-, '{', TLS) until
-    user space rules: only when some enabled protocol rule enforces."""
-    return any(getattr(r.on, "value", r.on) == "protocol" and r.enabled and r.action.enforces
+    """Hold the payload of undecided episode flows in the kernel until user
+    space rules (bpf/wire.h): when some enabled protocol rule enforces, or a
+    connect rule does (a proxy request's target is judged like a connect)."""
+    return any(getattr(r.on, "value", r.on) in ("protocol", "connect") and r.enabled and r.action.enforces
                for r in policy.rules)
 
 
@@ -218,7 +219,8 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "description": verdict.description,
         "policy_version": policy_version,
     }
-    for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset",
+    for k in ("addr", "port", "family", "path", "protocol", "sni", "alpn", "method", "proxy_host", "proxy_port", "call",
+              "matched_bytes", "matched_offset",
               "local_addr", "local_port", "listener_exe"):
         if rec.get(k) is not None:
             a[k] = rec[k]
@@ -246,6 +248,7 @@ class Engine:
         self._reload_requested = False
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
+        self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
         self.reloads = 0
         self.reload_failures = 0
         from .policy import Holds
@@ -307,8 +310,11 @@ class Engine:
             action = getattr(v.action, "value", v.action)
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
-            already = t == "exec" and bool(rec.get("killed_in_kernel"))
-            held = (t == "exec" and rec.get("gated")) or (t == "protocol" and rec.get("held"))
+            # a protocol `deny` is the flow dropped in the kernel (tracer.flows)
+            already = (t == "exec" and bool(rec.get("killed_in_kernel"))) or (t == "protocol" and action == "deny")
+            if t == "protocol" and self.flows is not None and action in ENFORCING_ACTIONS and not self.monitor:
+                self.flows.deny(rec)  # before the action runs: even an orphaned socket sends nothing
+            held = t == "exec" and rec.get("gated")
             if action == "freeze-episode" and held:
                 outcome = self.enforcer.apply(action, rec)
                 self._continue(rec["pid"])
@@ -321,8 +327,8 @@ class Engine:
         if t == "exec" and rec.get("gated") and not rec.get("killed_in_kernel"):
             if not enforcing_verdict:
                 self._continue(rec["pid"])
-        elif t == "protocol" and rec.get("held") and not enforcing_verdict:
-            self._continue(rec["pid"])
+        elif t == "protocol" and self.flows is not None:
+            out.extend(self.flows.verdict(rec, enforcing_verdict, self))
         return out
 
     def _continue(self, pid: int) -> None:
@@ -567,7 +573,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races, "reloads": self.reloads,
-                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {})}
+                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
+                **(self.flows.stats() if self.flows is not None else {})}
 
 
 def _proc_state(pid: int) -> str | None:

@@ -46,6 +46,7 @@ class RunOptions:
     gate_default: str = "kill"
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
+    wire_timeout: float = 3.0  # seconds an undecided episode flow may stay held before it is denied
     extra_sinks: list[Sink] = field(default_factory=list)
 
 
@@ -69,6 +70,7 @@ class Runtime:
         self.stop_event = threading.Event()
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
         self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
+        self.flows: Any = None  # tracer.flows.FlowInspector (wire verdicts, held-flow timeouts)
         self._last_relay = 0.0
 
     # ----------------------------------------------------------------- start
@@ -89,8 +91,13 @@ class Runtime:
         self.probes = Probes(pcfg, self._on_raw)
         self.tracker = Tracker(self.probes.episode_root, live=True)
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
+        from .flows import FlowInspector
+
+        self.flows = FlowInspector(self.probes, self.tracker, timeout_s=opts.wire_timeout)
+        self.pipeline.wire = self.flows.feed
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
+            engine.flows = self.flows
             engine.load_kernel()
         now = time.time()
         for r in self.tracker.seed(now):
@@ -228,6 +235,8 @@ class Runtime:
             if eng is not None and eng._gate_seen is not None:
                 for r in eng.poll_gates(now):
                     self.pipeline.emit(r)
+            for r in self.flows.poll():
+                self.pipeline.emit(r)
             if now - self._last_tick >= self.opts.stats_interval:
                 self.tick(now)
             if self.relay is not None and now - self._last_relay >= self.opts.relay_interval:
