@@ -19,6 +19,8 @@ Sections (each can be run alone with --only):
               denied connect -> EPERM, against the same connect untraced.
   resources   startup time to `ready`, resident memory and CPU at idle (and
               under load, from the throughput steps).
+  wire        first-message latency and bulk TCP throughput of a benign
+              episode flow with the packet-path inspection (tracer/bench_wire.py)
 
 The measurement logic (statistics, ramp search, target checks, report
 writing) is pure and unit-tested (tests/test_bench.py); everything live runs
@@ -425,6 +427,9 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[A
         if rs.get("peak_rss_mb") is not None:
             rows.append(["peak RSS MB (VmHWM)", rs["peak_rss_mb"], None, None, None])
         out.append(("Startup and resources", ["what", "median / value", "min", "max", "n"], rows))
+    from .bench_wire import wire_tables
+
+    out.extend(wire_tables(results.get("wire")))
     tg = results.get("targets")
     if tg:
         out.append(("Targets", ["target", "goal", "measured", "met"],
@@ -1027,6 +1032,7 @@ class Section(str, enum.Enum):
     throughput = "throughput"
     latency = "latency"
     resources = "resources"
+    wire = "wire"  # tracer/bench_wire.py
 
 
 class Compare(str, enum.Enum):
@@ -1413,6 +1419,11 @@ class Bench:
         return res
 
     # -------------------------------------------------------------- the run
+    def section_wire(self) -> dict[str, Any]:
+        from .bench_wire import section_wire
+
+        return section_wire(self)
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.time()

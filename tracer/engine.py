@@ -281,7 +281,8 @@ class Engine:
 
     def load_kernel(self, canary: bool = False) -> None:
         km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary, monitor=self.monitor)
-        km.wire_hold = not self.monitor and wire_hold(self.policy)
+        # the self-test proves the wire hold on its canary flow (monitor mode too)
+        km.wire_hold = canary or (not self.monitor and wire_hold(self.policy))
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
@@ -468,6 +469,9 @@ class Engine:
                 res["connect_deny"] = self._canary_connect(cg)
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
+            from .flows import canary_wire
+
+            res["wire_hold"] = canary_wire(self.probes, self._in_cgroup(cg))
         except Exception as e:  # noqa: BLE001 - report, never crash the start
             res.setdefault("connect_deny", f"failed: {e}")
         finally:

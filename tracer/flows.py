@@ -212,3 +212,72 @@ def proxy_target_verdicts(engine, rec: dict[str, Any]) -> tuple[list[dict[str, A
         a["proxy_host"], a["proxy_port"] = host, port
         out.append(a)
     return out, enforcing
+
+
+def canary_wire(probes, enter_cgroup, timeout_s: float = 5.0) -> str:
+    """Prove the packet-path hold live: a forked child in the canary cgroup
+    connects to a listener of ours and writes; its bytes must not arrive
+    while the flow is held (the kernel has it in flow_held), and must arrive
+    once the flow is let out. 'ok' | 'failed: why'."""
+    import os
+    import signal
+    import socket
+
+    if getattr(probes, "wire_error", None):
+        return f"failed: {probes.wire_error}"
+    token = b"AT-CANARY-WIRE\n"
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            enter_cgroup()
+            s = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+            s.sendall(token)
+            time.sleep(timeout_s)
+        except OSError:
+            code = 1
+        finally:
+            os._exit(code)
+    conn = None
+    try:
+        lsock.settimeout(timeout_s)
+        conn, _ = lsock.accept()
+        deadline = time.monotonic() + timeout_s
+        cookie = None
+        while cookie is None and time.monotonic() < deadline:
+            for c in probes.held_flows():
+                if (probes.flow_owner(c) or {}).get("pid") == pid:
+                    cookie = c
+            time.sleep(0.005)
+        if cookie is None:
+            return "failed: the canary flow was not held in the kernel"
+        conn.settimeout(0.05)
+        try:
+            if conn.recv(100):
+                return "failed: held bytes reached the peer"
+        except socket.timeout:
+            pass
+        probes.set_flow_verdict(cookie, len(token), VERDICT_DONE)
+        conn.settimeout(timeout_s)
+        got = b""
+        while len(got) < len(token):
+            b = conn.recv(100)
+            if not b:
+                break
+            got += b
+        return "ok" if got == token else f"failed: after the verdict the peer got {got!r}"
+    except OSError as e:
+        return f"failed: {e}"
+    finally:
+        if conn is not None:
+            conn.close()
+        lsock.close()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)

@@ -130,6 +130,7 @@ class Probes:
         ) if hasattr(self.bpf, "tracepoint_fnname_map") else []
         self._sock_attached: list[tuple[object, int, int]] = []
         self.wire_attached: list[str] = []
+        self.wire_error: str | None = None
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
@@ -199,8 +200,16 @@ class Probes:
                 self._sock_attached.append((fn, self._cg_root_fd, at))
                 self.wire_attached.append(fn_name)
         except Exception as e:
-            self._detach_sock_addr()
-            raise ProbeError(f"attaching the cgroup_skb wire programs failed: {e}") from e
+            # the rest of the tracer still works: say so (ready record, doctor)
+            for fn, fd, at in [x for x in self._sock_attached if x[0].name.decode() in WIRE_PROGS]:
+                try:
+                    BPF.detach_func(fn, fd, at)
+                except Exception:  # pragma: no cover
+                    pass
+            self._sock_attached = [x for x in self._sock_attached if x[0].name.decode() not in WIRE_PROGS]
+            self.wire_attached.clear()
+            self.wire_error = f"attaching the cgroup_skb wire programs failed: {e}"
+            log.error("%s: wire inspection is off", self.wire_error)
 
     def _detach_sock_addr(self) -> None:
         BPF = self._BPF

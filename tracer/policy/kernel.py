@@ -18,7 +18,7 @@ MAX_DENY_RULES = 63
 # Fields of a connect deny rule the cgroup sock_addr program can evaluate
 # (episode is resolved to cgroups by user space when it fills the maps).
 KERNEL_CONNECT_FIELDS = ("addr", "port", "family", "protocol", "sock_type", "episode")
-DENY_KINDS = (Kind.EXEC, Kind.CONNECT)
+DENY_KINDS = (Kind.EXEC, Kind.CONNECT, Kind.PROTOCOL)  # protocol: the flow dropped in the packet path
 _SOCK_TYPE_PROTOCOL = {"stream": "tcp", "dgram": "udp"}
 
 
@@ -250,11 +250,11 @@ def deny_problems(
             DenyProblem(
                 None,
                 None,
-                f"deny is enforced in the kernel, which can deny only exec and connect; "
+                f"deny is enforced in the kernel, which can deny only exec, connect and protocol (a flow); "
                 f"use action = \"kill\" for '{on.value}' events",
             )
         ]
-    if on is Kind.EXEC:
+    if on is Kind.EXEC or on is Kind.PROTOCOL:
         return []
     out: list[DenyProblem] = []
     seen: set[str] = set()
