@@ -10,6 +10,7 @@ depends on a binary's name. Each attack asserts that the peer NEVER got the
 application message."""
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import socket
@@ -101,6 +102,28 @@ elif how == "sendmmsg":
     assert libc.sendmmsg(fd, ctypes.byref(mm), 1, 0) == 1, ctypes.get_errno()
 elif how == "tfo":
     s.send(first)
+elif how == "uring":  # io_uring IORING_OP_SEND, raw syscalls (no liburing)
+    import mmap, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    params = ctypes.create_string_buffer(120)
+    ufd = libc.syscall(425, 4, params)  # io_uring_setup
+    assert ufd >= 0, ctypes.get_errno()
+    sq_entries, cq_entries = struct.unpack_from("<II", params, 0)
+    sq = struct.unpack_from("<IIIIIII", params, 40)  # head tail mask entries flags dropped array
+    cq = struct.unpack_from("<IIIIII", params, 80)   # head tail mask entries overflow cqes
+    size = max(sq[6] + sq_entries * 4, cq[5] + cq_entries * 16)
+    ring = mmap.mmap(ufd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+    sqes = mmap.mmap(ufd, sq_entries * 64, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0x10000000)
+    buf = ctypes.create_string_buffer(first, len(first))
+    sqes[0:64] = struct.pack("<BBHiQQIIQ", 26, 0, 0, fd, 0, ctypes.addressof(buf), len(first), 0, 7).ljust(64, b"\0")
+    tail = struct.unpack_from("<I", ring, sq[1])[0]
+    struct.pack_into("<I", ring, sq[6] + (tail & sq[2]) * 4, 0)
+    struct.pack_into("<I", ring, sq[1], tail + 1)
+    assert libc.syscall(426, ufd, 1, 1, 1, None, 0) == 1, ctypes.get_errno()  # io_uring_enter, GETEVENTS
+    head = struct.unpack_from("<I", ring, cq[0])[0]
+    user, res = struct.unpack_from("<Qi", ring, cq[5] + (head & cq[2]) * 16)
+    assert user == 7 and res == len(first), res
 if second:
     s.recv(100)
     s.sendall(second)
@@ -300,7 +323,7 @@ def test_unreported_flow_stays_held_and_times_out_denied(live_tracer, episode_id
     t.rt.drain()
     # fill the ring (nobody drains it): exec records of the episode itself
     flood = ["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8; do /bin/true; done; exec " +
-             " ".join(client(tmp_path, netns["addr"], 3335, "send", SUBSCRIBE))]
+             shlex.join(client(tmp_path, netns["addr"], 3335, "send", SUBSCRIBE))]
     srv = servers(netns, netns["addr"], 3335)
     res = run_in_episode(episode_id, flood)
     assert res.exit_code == 0, res.summary()  # it wrote and closed: the bytes sit in its socket
@@ -329,7 +352,7 @@ def test_ssh_banner_on_a_random_port_never_leaves(tracer, episode_id, netns, ser
 
 
 @pytest.mark.parametrize("how", ["write", "sendmsg", "writev", "sendmmsg", "sendfile", "splice", "dup",
-                                 "empty-first", "trickle"])
+                                 "empty-first", "trickle", "uring"])
 def test_stratum_on_443_never_reaches_the_pool_whatever_call_wrote_it(tracer, episode_id, netns, servers,
                                                                        tmp_path, how):
     srv = servers(netns, netns["addr"], 443)
@@ -446,7 +469,7 @@ def test_tls_pool_sni_never_leaves_and_benign_sni_passes(tracer, episode_id, sec
 
 
 # ------------------------------------------------------------------- benign
-@pytest.mark.parametrize("how", ["write", "send", "sendmsg", "writev", "dup", "sendfile"])
+@pytest.mark.parametrize("how", ["write", "send", "sendmsg", "writev", "dup", "sendfile", "uring"])
 def test_benign_http_passes_in_an_episode(tracer, episode_id, netns, servers, tmp_path, how):
     p = port()
     token = uuid.uuid4().hex[:8]

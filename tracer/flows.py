@@ -53,6 +53,7 @@ class FlowInspector:
         self.timeouts = 0
         self.reports = 0
         self.denied = 0
+        self.kicks = 0
         self._last_gc = time.monotonic()
 
     # ------------------------------------------------------------- reports
@@ -77,7 +78,7 @@ class FlowInspector:
                 continue
             st.judged = max(st.judged, m.end)
             out.append({
-                "type": "protocol", "ktime": rep["ktime"], "cgroup": rep["cgroup"], "pid": rep["pid"],
+                "type": "protocol", "ktime": rep["ktime"], "cgroup": rep["cgroup"], "pid": rep["pid"] or None,
                 "uid": rep["uid"], "comm": rep["comm"], "cookie": cookie, "family": rep["family"],
                 "addr": rep["addr"], "port": rep["port"], "sport": rep["sport"], "protocol": m.protocol,
                 "sni": m.sni, "alpn": list(m.alpn) or None, "method": m.method, "proxy_host": m.proxy_host,
@@ -129,6 +130,10 @@ class FlowInspector:
             self.probes.set_flow_verdict(cookie, end, VERDICT_DONE)
         else:
             self.probes.set_flow_verdict(cookie, end, 0)
+        if rec.get("held") and rec.get("pid"):
+            # the dropped bytes would wait for TCP's retransmit timer (>= 200 ms):
+            # have the socket push them now
+            self.kicks += 1 if kick(rec["pid"], rec.get("sport"), rec.get("addr"), rec.get("port")) else 0
         return out
 
     # -------------------------------------------------------------- timeout
@@ -174,8 +179,90 @@ class FlowInspector:
             del self.flows[cookie]
         self.probes.forget_flows_except(live)
 
+    def close(self) -> int:
+        """The tracer is going away and with it the packet path: a flow still
+        held cannot stay held, so its episode process is killed (the default
+        verdict for episodes; a process outside every episode is left)."""
+        import os
+        import signal
+
+        killed = 0
+        try:
+            held = self.probes.held_flows()
+        except Exception:  # pragma: no cover - maps gone
+            return 0
+        for cookie in held:
+            pid = (self.probes.flow_owner(cookie) or {}).get("pid")
+            p = self.tracker.process_of(pid) if (self.tracker is not None and pid) else None
+            if not pid or p is None or not p.episode:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+                log.warning("wire: closing with flow %x of pid %d held: killed", cookie, pid)
+            except ProcessLookupError:
+                pass
+        return killed
+
     def stats(self) -> dict[str, int]:
-        return {"wire_reports": self.reports, "wire_timeouts": self.timeouts, "wire_denied": self.denied}
+        return {"wire_reports": self.reports, "wire_timeouts": self.timeouts, "wire_denied": self.denied,
+                "wire_kicks": self.kicks}
+
+
+_TCP_CORK = 3
+_SYS_PIDFD_GETFD = 438
+
+
+def kick(pid: int, sport: int | None, addr: str | None, port: int | None) -> bool:
+    """Make the connecting process's socket send what the kernel held, now,
+    instead of at TCP's next retransmit: find the socket among the process's
+    fds (pidfd_getfd, matched by its ports and peer address) and uncork it
+    (TCP_CORK 0 pushes the pending frames; a socket the application itself
+    corked is left alone). False when it cannot (the process is gone, the fd
+    was passed on): TCP's timer then sends it, later."""
+    import ctypes
+    import os
+    import socket
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                local, peer = s.getsockname(), s.getpeername()
+                peer_addr = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
+                if local[1] != sport or peer[1] != port or peer_addr != addr:
+                    continue
+                if not s.getsockopt(socket.IPPROTO_TCP, _TCP_CORK):
+                    s.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+                return True
+            except OSError:
+                continue
+            finally:
+                s.close()  # our duplicate only
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+    return False
 
 
 def proxy_target_verdicts(engine, rec: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:

@@ -65,7 +65,14 @@ class Pipeline:
             if self.wire is not None:
                 for r in self.wire(rec):
                     r["ts"] = rec["ts"]
-                    self.handle(r)
+                    if r["pid"] is None:  # no connect seen (a socket of the episode's cgroup): by cgroup
+                        r["episode"] = self.tracker.cgroups.episode_of(r["cgroup"])
+                        self.emit(r)
+                        if self.engine is not None:
+                            for x in self.engine.process(r):
+                                self.emit(x)
+                    else:
+                        self.handle(r)
             return
         out = self.tracker.observe(rec)
         engine = self.engine

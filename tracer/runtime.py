@@ -313,6 +313,8 @@ class Runtime:
             self.gpu = None
         for h in self._poll_hooks:
             h()
+        if self.flows is not None and self.probes is not None:
+            self.flows.close()  # before the wire programs go: held flows cannot stay held
         if self.pipeline is not None and self.pipeline.engine is not None:
             self.pipeline.engine.close()
         if self.probes is not None:
