@@ -53,6 +53,23 @@ def _malloc_trim() -> None:
         pass
 
 
+_SYS_BPF = 321  # x86_64
+_BPF_LINK_CREATE = 28
+
+
+def _link_create(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE of a cgroup program (kernel >= 5.7): the link fd."""
+    attr = (ctypes.c_uint32 * 16)()
+    attr[0], attr[1], attr[2], attr[3] = prog_fd, cgroup_fd, attach_type, 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE (attach type {attach_type}): {os.strerror(err)}")
+    return int(fd)
+
+
 def ensure_tracefs() -> None:
     if Path("/sys/kernel/tracing/events").exists() or Path("/sys/kernel/debug/tracing/events").exists():
         return
@@ -131,6 +148,7 @@ class Probes:
         self._sock_attached: list[tuple[object, int, int]] = []
         self.wire_attached: list[str] = []
         self.wire_error: str | None = None
+        self._wire_links: list[int] = []
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
@@ -191,25 +209,29 @@ class Probes:
             self._detach_sock_addr()
             raise ProbeError(f"attaching cgroup sock_addr programs failed: {e}") from e
         # at the cgroup2 root, not <cgroup2>/agent-tracer: processes in an
-        # episode by env marker or lineage make their sockets outside it
+        # episode by env marker or lineage make their sockets outside it.
+        # As bpf links: the attachment ends with this process, so a tracer
+        # that died cannot leave a packet path that holds flows nobody judges
         try:
             for fn_name, (prog_type, type_name) in WIRE_PROGS.items():
                 at = getattr(attach_types, type_name)
                 fn = self.bpf.load_func(fn_name, getattr(BPF, prog_type), attach_type=at)
-                BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
-                self._sock_attached.append((fn, self._cg_root_fd, at))
+                self._wire_links.append(_link_create(fn.fd, self._cg_root_fd, int(at)))
                 self.wire_attached.append(fn_name)
         except Exception as e:
             # the rest of the tracer still works: say so (ready record, doctor)
-            for fn, fd, at in [x for x in self._sock_attached if x[0].name.decode() in WIRE_PROGS]:
-                try:
-                    BPF.detach_func(fn, fd, at)
-                except Exception:  # pragma: no cover
-                    pass
-            self._sock_attached = [x for x in self._sock_attached if x[0].name.decode() not in WIRE_PROGS]
-            self.wire_attached.clear()
+            self._close_wire_links()
             self.wire_error = f"attaching the cgroup_skb wire programs failed: {e}"
             log.error("%s: wire inspection is off", self.wire_error)
+
+    def _close_wire_links(self) -> None:
+        for fd in self._wire_links:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+        self._wire_links.clear()
+        self.wire_attached.clear()
 
     def _detach_sock_addr(self) -> None:
         BPF = self._BPF
@@ -219,7 +241,7 @@ class Probes:
             except Exception as e:  # pragma: no cover
                 log.warning("detaching %s: %s", fn, e)
         self._sock_attached.clear()
-        self.wire_attached.clear()
+        self._close_wire_links()
         if self._cg_root_fd >= 0:
             os.close(self._cg_root_fd)
             self._cg_root_fd = -1
