@@ -322,9 +322,10 @@ def test_unreported_flow_stays_held_and_times_out_denied(live_tracer, episode_id
     rt = t.rt
     t.rt.drain()
     # fill the ring (nobody drains it): exec records of the episode itself
+    p = port()
     flood = ["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8; do /bin/true; done; exec " +
-             shlex.join(client(tmp_path, netns["addr"], 3335, "send", SUBSCRIBE))]
-    srv = servers(netns, netns["addr"], 3335)
+             shlex.join(client(tmp_path, netns["addr"], p, "send", SUBSCRIBE))]
+    srv = servers(netns, netns["addr"], p)
     res = run_in_episode(episode_id, flood)
     assert res.exit_code == 0, res.summary()  # it wrote and closed: the bytes sit in its socket
     c = rt.probes.counters()
@@ -523,3 +524,12 @@ def test_outside_episodes_untouched(tracer, netns, servers, tmp_path):
     assert srv.received() == b"SSH-2.0-mine\r\nMORE"
     tracer.rt.drain()
     assert not tracer.find(type="protocol", port=p)
+
+
+def test_selftest_proves_the_hold_and_programs_are_links(tracer):
+    """The self-test's canary flow was held in the kernel and let out by
+    its verdict; the wire programs are attached as bpf links (they end with
+    the tracer process)."""
+    assert tracer.ready["selftest"]["wire_hold"] == "ok", tracer.ready["selftest"]
+    assert {"cgroup:at_wire_egress", "cgroup:at_wire_release"} <= set(tracer.ready["programs"])
+    assert len(tracer.rt.probes._wire_links) == 2
