@@ -116,8 +116,9 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 	return would ? 1 : 0;
 }
 
-int at_connect4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, 0); }
-int at_connect6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, 0); }
+/* wire_learn (bpf/wire.h): the flow of an episode's TCP connect, by cookie */
+int at_connect4(struct bpf_sock_addr *ctx) { return wire_learn(ctx) < 0 ? 0 : deny_check(ctx, 0, 0); }
+int at_connect6(struct bpf_sock_addr *ctx) { return wire_learn(ctx) < 0 ? 0 : deny_check(ctx, 1, 0); }
 int at_sendmsg4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, AT_DENY_SENDMSG); }
 int at_sendmsg6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, AT_DENY_SENDMSG); }
 

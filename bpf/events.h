@@ -25,11 +25,12 @@
 #define AT_MEMFD_NAME_LEN 64
 #define AT_OPEN_PATH_LEN 64
 #define AT_GPU_PREFIX_MAX 8
-/* first bytes captured on a new outbound TCP connection: a TLS ClientHello
- * (SNI) of OpenSSL/Go/Python clients lies within the first ~300 bytes;
- * browsers with randomised extension order and post-quantum key shares send
- * up to ~1.8 KB, so 2 KB covers them too. One record per connection. */
-#define AT_WIRE_CAP 2048
+/* first bytes of a new outbound TCP flow of an episode kept for judging (the
+ * cgroup_skb programs of bpf/wire.h accumulate them by socket cookie, in
+ * sequence order, whatever syscall wrote them): a TLS ClientHello with
+ * post-quantum key shares (~1.8 KB), an HTTP request with its headers, a
+ * Stratum line after 2 KB of params. Bytes beyond it are not inspected. */
+#define AT_WIRE_CAP 4096
 #define AT_CGROUP_PATH_LEN 256 /* cgroup path below the cgroup2 root */
 
 enum at_kind {
@@ -44,7 +45,7 @@ enum at_kind {
 	AT_EV_GPU_OPEN = 9,
 	AT_EV_DENY = 10,      /* a sock_addr program refused a connect/sendmsg */
 	AT_EV_GATE_RACE = 11, /* a gated process was continued by someone else */
-	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
+	AT_EV_PROTOCOL = 12,  /* first bytes of a new outbound TCP flow (cgroup_skb, by cookie) */
 	AT_EV_CGROUP_MKDIR = 13, /* a cgroup2 directory was made (level >= 2): names
 				    an episode cgroup before anything runs in it */
 	AT_EV_ESCAPE = 18,    /* a member of an episode was moved to a cgroup outside it
@@ -110,7 +111,13 @@ enum at_counter {
 	AT_CNT_GATE_RACE = 1,
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
-	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
+	AT_CNT_WIRE_HELD = 4,    /* payload packets of undecided flows dropped (held) */
+	AT_CNT_WIRE_DENIED = 5,  /* packets of denied flows dropped */
+	AT_CNT_WIRE_FULL = 6,    /* a flow map was full: the flow is held/denied */
+	AT_CNT_WIRE_UNREPORTED = 7, /* a flow report could not be reserved (the flow
+				       stays held; reported again at its next packet) */
+	AT_CNT_WIRE_MIDSTREAM = 8, /* episode flows first seen without their SYN
+				      (accepted, or older than the tracer): not inspected */
 	AT_CNT_ESCAPES = 10,     /* episode members moved out of their episode cgroup */
 	AT_CNT_EXEC_NO_ARGV = 11, /* in-scope execs without a syscall-entry record */
 	AT_CNT_GPU_OPEN_KILLED = 12, /* episode processes without the GPU right killed
@@ -141,8 +148,8 @@ enum at_config {
 	AT_CFG_EPISODE_ROOT = 13, /* cgroup id of <cgroup2>/agent-tracer */
 	AT_CFG_GATE_ALL_GLOBAL = 14, /* bit g: gate every exec on the node in generation g
 				       (but the tracer's own process tree) */
-	AT_CFG_WIRE_HOLD = 15,   /* bit g: stop the writer after a candidate first write
-				    (SSH-, '{', TLS handshake) until user space rules */
+	AT_CFG_WIRE_HOLD = 15,   /* bit g: payload of undecided episode flows is dropped
+				    (held) until user space rules (bpf/wire.h) */
 	AT_CFG_MONITOR = 16,     /* 1: monitor mode: deny rules match but allow; an
 				    unconnected UDP sendmsg they match is reported
 				    (deny_event with AT_DENY_WOULD), connects are
@@ -275,27 +282,39 @@ struct escape_event {
 	char dst_path[AT_CGROUP_PATH_LEN]; /* below the cgroup2 root */
 };
 
-/* wire_event.call: the syscall of the first write */
-#define AT_WIRE_WRITE 0
-#define AT_WIRE_SENDTO 1    /* also send(2) */
-#define AT_WIRE_SENDMSG 2   /* first iovec */
-#define AT_WIRE_WRITEV 3    /* first iovec */
-
 /* wire_event.flags */
-#define AT_WIRE_HELD (1u << 0)   /* the writer was stopped for a verdict (exec-gate map) */
+#define AT_WIRE_HELD (1u << 0)     /* the packet that brought these bytes was dropped (held) */
+#define AT_WIRE_SYN_DATA (1u << 1) /* bytes came in the SYN (TCP Fast Open) */
+#define AT_WIRE_FULL (1u << 2)     /* captured reached AT_WIRE_CAP: no more bytes will come */
+#define AT_WIRE_V6 (1u << 3)       /* IPv6 packet (else IPv4) */
 
+/* A flow report: the first `captured` bytes of a TCP flow so far. The
+ * kernel keeps one per undecided flow (map flow_bufs, by socket cookie) and
+ * sends its head plus data[0:captured] (a variable-length record) each time
+ * a packet added bytes. pid/uid/comm are the connecting process (learned by
+ * the connect programs; 0 when unknown), h.cgroup_id the socket's cgroup. */
 struct wire_event {
 	struct event_hdr h;
-	__s32 fd;
-	__u32 call;
-	__u64 len;        /* bytes the call was asked to write (first iovec) */
+	__u64 cookie;     /* socket cookie */
 	__u32 captured;   /* bytes in data */
 	__u32 flags;
-	__u16 family;     /* AF_INET / AF_INET6 of the connect */
+	__u32 upto;       /* the kernel's view of the verdict: bytes allowed out */
+	__u16 family;     /* AF_INET / AF_INET6 */
 	__u16 port;       /* destination port, host order */
-	__u32 _pad;
+	__u16 sport;      /* source port, host order */
+	__u16 _pad;
+	__u32 _pad2;
 	__u8 addr[16];    /* destination (IPv4 in the first 4 bytes) */
-	__u8 data[AT_WIRE_CAP];
+	__u8 data[2 * AT_WIRE_CAP]; /* only data[0:captured] is sent */
+};
+#define AT_WIRE_HEAD 96  /* offsetof(struct wire_event, data) */
+
+/* flow_verdict value, written by user space only (key: socket cookie) */
+#define AT_VERDICT_DENY (1u << 0)  /* drop every packet of the flow from now on */
+#define AT_VERDICT_DONE (1u << 1)  /* decided: stop inspecting, let it all pass */
+struct flow_verdict {
+	__u32 upto;       /* payload bytes [0, upto) may leave; the rest is held */
+	__u32 flags;
 };
 
 /* ---- keys of the policy maps (all carry the policy generation) ---- */

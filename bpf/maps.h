@@ -39,20 +39,39 @@ struct exit_info {
 };
 BPF_HASH(exit_info, u32, struct exit_info, 65536);
 BPF_PERCPU_ARRAY(sock_scratch, struct bound_addr, 1);
-/* TCP sockets of in-scope processes, (tgid << 32 | fd) -> state: created by
- * socket(), then connected outbound; the first write on a connected one is
- * captured and the entry forgotten (close() forgets it too). Only in-scope
- * processes ever have entries, so for the rest of the node a write costs one
- * hash lookup that misses. */
-#define AT_WIRE_SOCKET 1
-#define AT_WIRE_CONNECTED 2
-struct wire_conn {
+/* TCP flows of episodes, by socket cookie (bpf/wire.h). `flows`: every
+ * flow the wire programs look at (learned at connect for in-scope processes,
+ * or at the SYN of a socket in an episode cgroup); a plain hash, never LRU,
+ * so a held or denied flow is never evicted; full -> the new episode flow is
+ * refused (counted). Entries of passed flows go at socket release; held or
+ * denied ones stay until user space sees the socket gone (orphaned sockets
+ * still send). `flow_verdict`: user space's verdict. `flow_bufs`: the first
+ * bytes of undecided flows (a report each, sent from the map value).
+ * `flow_held`: undecided flows whose payload is being dropped -> since when
+ * (ns), for the verdict timeout. `wire_zero`: a zeroed report to insert. */
+#define AT_FLOW_NEW 0      /* learned at connect, no SYN seen yet */
+#define AT_FLOW_INSPECT 1  /* undecided: bytes accumulated and reported */
+#define AT_FLOW_PASS 2     /* decided (or not ours to inspect): every packet passes */
+#define AT_FLOW_DENY 3     /* denied: every packet is dropped */
+#define AT_FLOW_RELEASED (1u << 0)  /* flow.flags: the socket was closed (maybe orphaned) */
+struct flow {
+	u64 first_ns;
+	u64 cgroup_id;
 	u32 state;
-	u16 family;
-	u16 port;
-	u8 addr[16];
+	u32 seq0;      /* sequence number of payload byte 0 */
+	u32 tgid;
+	u32 uid;
+	u32 upto;      /* payload bytes allowed out (from flow_verdict) */
+	u32 filled;    /* bytes in flow_bufs */
+	u32 reported;  /* bytes in the last report that went out */
+	u32 flags;
+	char comm[AT_COMM_LEN];
 };
-BPF_TABLE("lru_hash", u64, struct wire_conn, wire_fds, 16384);
+BPF_HASH(flows, u64, struct flow, 65536);
+BPF_HASH(flow_verdict, u64, struct flow_verdict, 65536);
+BPF_F_TABLE("hash", u64, struct wire_event, flow_bufs, 4096, BPF_F_NO_PREALLOC);
+BPF_HASH(flow_held, u64, u64, 4096);
+BPF_ARRAY(wire_zero, struct wire_event, 1);
 
 /* enforcement maps, double-buffered by generation */
 BPF_HASH(kill_comms, struct comm_key, u8, 4096);   /* value: 1 episodes, 2 all */

@@ -366,6 +366,23 @@ TRACEPOINT_PROBE(signal, signal_generate)
 	return 0;
 }
 
+/* The SIGCONT race re-stop of the exec gate: only does work after a race was
+ * seen (sticky, one array read per syscall otherwise): the continued process
+ * is stopped again at its first syscall. */
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+	if (!cfg(AT_CFG_RACE_ARMED))
+		return 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	u32 *g = gated.lookup(&tgid);
+	if (!g || *g != 2)
+		return 0;
+	u32 held = 1;
+	gated.update(&tgid, &held);
+	bpf_send_signal(AT_SIGSTOP);
+	return 0;
+}
+
 
 /* A new episode cgroup (<cgroup2>/agent-tracer/<ID>) is named here, in the
  * ring buffer ahead of anything that runs in it: even a process killed at its

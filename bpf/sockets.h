@@ -30,27 +30,6 @@ static __always_inline void unstash_done(void)
 	sock_pending.delete(&tid);
 }
 
-/* a TCP socket of ours connected outbound: its first write will be captured */
-static __always_inline void wire_connected(struct sock_event *e)
-{
-	u64 key = ((u64)e->h.pid << 32) | (u32)e->fd;
-	struct wire_conn *wc = wire_fds.lookup(&key);
-	if (!wc || wc->state != AT_WIRE_SOCKET)
-		return;
-	u16 fam = e->addr[0] | (e->addr[1] << 8);
-	if (fam == AF_INET && e->addrlen >= 8) {
-		__builtin_memset(wc->addr, 0, 16);
-		__builtin_memcpy(wc->addr, &e->addr[4], 4);
-	} else if (fam == AF_INET6 && e->addrlen >= 24) {
-		__builtin_memcpy(wc->addr, &e->addr[8], 16);
-	} else {
-		return;
-	}
-	wc->family = fam;
-	wc->port = (e->addr[2] << 8) | e->addr[3];
-	wc->state = AT_WIRE_CONNECTED;
-}
-
 static __always_inline int emit_sock(u32 kind, long ret)
 {
 	struct sock_args *sa = unstash();
@@ -71,8 +50,6 @@ static __always_inline int emit_sock(u32 kind, long ret)
 	e->addrlen = len;
 	if (bpf_probe_read_user(e->addr, AT_SOCKADDR_LEN, (void *)sa->uaddr))
 		__builtin_memset(e->addr, 0, AT_SOCKADDR_LEN);
-	if (kind == AT_EV_CONNECT && (ret == 0 || ret == -115 /* EINPROGRESS */))
-		wire_connected(e);
 	if (kind == AT_EV_BIND && ret == 0) {
 		u64 key = ((u64)e->h.pid << 32) | (u32)sa->fd;
 		u32 zero = 0;
@@ -120,12 +97,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 		return 0;
 	s32 family = (s32)sa->uaddr, type = sa->a2, proto = sa->a3;
 	unstash_done();
-	if (args->ret >= 0 && (type & 0xf) == 1 /* SOCK_STREAM */ &&
-	    (family == AF_INET || family == AF_INET6) && (proto == 0 || proto == IPPROTO_TCP)) {
-		u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->ret;
-		struct wire_conn wc = {.state = AT_WIRE_SOCKET};
-		wire_fds.update(&key, &wc);
-	}
 	RESERVE(e, struct socket_event, AT_EV_SOCKET);
 	e->family = family;
 	e->type = type;

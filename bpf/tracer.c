@@ -1,6 +1,6 @@
 /* agent-tracer kernel side, compiled by bcc at start.
  *
- * Tracepoints and cgroup sock_addr programs only; the only structs read are
+ * Tracepoints, cgroup sock_addr, cgroup_skb and cgroup sock programs only; the only structs read are
  * tracepoint fields, helper results and uapi sockaddrs (design.md).
  *
  * Settings come from the loader as -D flags:
@@ -50,6 +50,6 @@
 #include "episodes.h"
 #include "sockets.h"
 #include "gpu.h"
-#include "deny.h"
 #include "wire.h"
 #include "membership.h"
+#include "deny.h"

@@ -303,10 +303,10 @@ def test_cli_help_lists_examples_and_choices():
     res = CliRunner().invoke(main, ["bench", "--help"])
     assert res.exit_code == 0
     assert "agent-tracer bench --quick" in res.output
-    assert "[overhead|throughput|latency|resources|scale]" in res.output
+    assert "[overhead|throughput|latency|resources|scale|wire]" in res.output
     bad = CliRunner().invoke(main, ["bench", "--only", "nope"])
     assert bad.exit_code == 2
-    assert "'nope' is not one of 'overhead', 'throughput', 'latency', 'resources'" in bad.output
+    assert "'nope' is not one of 'overhead', 'throughput', 'latency', 'resources', 'scale', 'wire'" in bad.output
 
 
 def test_per_event_functions_drop_one_off_setup():

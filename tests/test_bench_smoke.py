@@ -90,6 +90,13 @@ def test_quick_bench_runs_every_section_and_cleans_up(tmp_path):
     assert lat["deny"]["untraced"]["errno"] == [111]
     assert lat["deny"]["traced"]["n"] == lat["deny"]["untraced"]["n"] == 10
 
+    # wire: first messages and a bulk upload in an episode, with and without the tracer
+    w = res["wire"]
+    for kind in ("http", "json"):
+        for g in ("baseline", "packet"):
+            assert w["first_message"][kind][g]["n"] == 10 and w["first_message"][kind][g]["p50_ms"] > 0
+    assert w["bulk_mb_s"]["packet"]["median"] > 0 and w["bulk_mb_s"]["packet"]["ratio"] > 0
+
     rs = res["resources"]
     assert rs["startup"]["spawn_to_ready_s"]["n"] >= 4
     assert rs["idle"]["rss_mb"] > 10 and rs["peak_rss_mb"] >= rs["idle"]["rss_mb"]
@@ -98,7 +105,7 @@ def test_quick_bench_runs_every_section_and_cleans_up(tmp_path):
 
     text = md.read_text()
     for title in ("## Machine", "## Overhead: forkexec", "## Throughput ramp", "## Latency",
-                  "## Startup and resources", "## Targets", "## How to reproduce"):
+                  "## Startup and resources", "## Targets", "## How to reproduce", "## Wire: first message"):
         assert title in text
     assert "== Targets" in r.stdout
     try:

@@ -49,6 +49,13 @@ XMRIG_LOGIN = (b'{"id":1,"jsonrpc":"2.0","method":"login","params":{"login":"44A
     (b'[{"id":1,"method":"mining.subscribe","params":[]}]\n', "stratum", None),  # batch
     (b'{"id":1,"method":"mining.subscribe","params":["cpumin', "stratum", None),  # cut by the bound
     (b'{"id":1,"method":"login","params":{"login":"w","pass":"x","agent":"xmr-stak/2.10', "stratum", None),
+    # by the protocol, not the user-agent: a browser agent, methods only mining speaks
+    (b'{"id":1,"method":"login","params":{"login":"user","pass":"pw","agent":"Mozilla/5.0"}}\n', "stratum", None),
+    (b'{"id":3,"method":"submit","params":{"id":"w1","job_id":"j","nonce":"00","result":"ab"}}\n', "stratum", None),
+    (b'{"id":4,"method":"getjob","params":{"id":"w1"}}\n', "stratum", None),
+    (b'{"id":5,"method":"keepalived","params":{"id":"w1"}}\n', "stratum", None),
+    (b'{"id":6,"jsonrpc":"2.0","method":"eth_submitWork","params":["0x1","0x2","0x3"]}\n', "stratum", None),
+    (b'{"id":7,"method":"mining.extranonce.subscribe","params":[]}\n', "stratum", None),
 ])
 def test_identifies(data, proto, matched):
     w = identify(data)
@@ -69,7 +76,6 @@ def test_identifies(data, proto, matched):
     (b"POST /v1/chat HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"method\":\"mining.subscribe\"}", "http"),
     (b"CONNECT pool.example:3333 HTTP/1.1\r\n\r\n", "http"),
     (b'{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}\n', "json"),
-    (b'{"id":1,"method":"login","params":{"login":"user","pass":"pw"}}\n', "json"),  # login without a miner agent
     (b'{"id":1,"method":"login","params":{"login":"u","agent":"Mozilla/5.0"}}\n', "json"),
     (b'{"text": "mining.subscribe is a stratum method"}\n', "json"),  # the words, not the method
     (b'{"broken json mining', "json"),
@@ -115,35 +121,29 @@ def test_escape_is_printable_and_bounded():
 
 
 # ------------------------------------------------------------------ decoder
-def pack_wire(data: bytes, *, family=socket.AF_INET, addr=b"\x0a\x00\x00\x05" + bytes(12), port=443,
-              call=1, held=True, length=None) -> bytes:
+def pack_report(data: bytes, *, family=socket.AF_INET, addr=b"\x0a\x00\x00\x05" + bytes(12), port=443,
+                flags=events.WIRE_HELD, upto=0, cookie=0x1234) -> bytes:
+    """A flow report as bpf/wire.h sends it: the head, then data[0:captured]."""
     lay = events.LAYOUTS[Kind.PROTOCOL]
-    return struct.pack(lay.fmt, 123, 456, int(Kind.PROTOCOL), 77, 78, 0, b"innocent", 5, call,
-                       len(data) if length is None else length, min(len(data), events.WIRE_CAP),
-                       events.WIRE_HELD if held else 0, family, port, 0, addr,
-                       data[: events.WIRE_CAP])
+    head = struct.pack(lay.fmt, 123, 456, int(Kind.PROTOCOL), 77, 0, 0, b"innocent", cookie,
+                       min(len(data), events.WIRE_CAP), flags, upto, family, port, 40000, 0, 0, addr)
+    assert len(head) == events.WIRE_HEAD
+    return head + data[: events.WIRE_CAP]
 
 
-def test_decode_protocol_record():
-    r = events.decode(pack_wire(SUBSCRIBE))
-    assert r["type"] == "protocol" and r["pid"] == 77 and r["comm"] == "innocent"
-    assert (r["protocol"], r["family"], r["addr"], r["port"], r["call"]) == ("stratum", "inet", "10.0.0.5", 443, "sendto")
-    assert r["held"] is True and r["captured"] == len(SUBSCRIBE) and r["fd"] == 5
-    assert "mining.subscribe" in r["matched_bytes"]
+def test_decode_flow_report():
+    r = events.decode(pack_report(SUBSCRIBE))
+    assert r["type"] == "wire_report" and r["pid"] == 77 and r["comm"] == "innocent" and r["cookie"] == 0x1234
+    assert (r["family"], r["addr"], r["port"], r["sport"]) == ("inet", "10.0.0.5", 443, 40000)
+    assert r["data"] == SUBSCRIBE and r["captured"] == len(SUBSCRIBE) and r["flags"] & events.WIRE_HELD
 
 
-def test_decode_protocol_record_v6_ssh():
+def test_decode_flow_report_v6_keeps_only_captured_bytes():
     addr = socket.inet_pton(socket.AF_INET6, "fd00:213:1::2")
-    r = events.decode(pack_wire(b"SSH-2.0-x\r\n", family=socket.AF_INET6, addr=addr, port=2222, call=3,
-                                held=False))
-    assert (r["protocol"], r["family"], r["addr"], r["port"], r["call"], r["held"]) == \
-        ("ssh", "inet6", "fd00:213:1::2", 2222, "writev", False)
-    assert r["matched_bytes"] == "SSH-2.0-x\\r\\n"
-
-
-def test_decode_only_the_captured_bytes():
-    r = events.decode(pack_wire(b"GET / HTTP/1.1\r\n" + b"x" * 3000, length=3016))
-    assert r["len"] == 3016 and r["captured"] == events.WIRE_CAP and r["protocol"] == "http"
+    raw = pack_report(b"SSH-2.0-x\r\n", family=socket.AF_INET6, addr=addr, port=2222) + b"trailing junk"
+    r = events.decode(raw)
+    assert (r["family"], r["addr"], r["port"]) == ("inet6", "fd00:213:1::2", 2222)
+    assert r["data"] == b"SSH-2.0-x\r\n"
 
 
 # ------------------------------------------------------- rules (recorded)
@@ -222,4 +222,6 @@ def test_wire_pack_holds_writers():
     assert not res.errors
     assert wire_hold(res.policy)
     res = load_policy([POLICY_DIR / "base.toml", POLICY_DIR / "tunnels.toml"])
+    assert wire_hold(res.policy)  # connect denies: a proxy request's target is judged like a connect
+    res = load_policy([POLICY_DIR / "base.toml"])
     assert not wire_hold(res.policy)

@@ -24,6 +24,8 @@ Sections (each can be run alone with --only):
               episodes, gate hold p99 and drain rate with 1, 64 and 512
               concurrent episodes, a long run of short API episodes across
               the identity wrap (tracer/bench_scale.py).
+  wire        first-message latency and bulk TCP throughput of a benign
+              episode flow with the packet-path inspection (tracer/bench_wire.py)
 
 The measurement logic (statistics, ramp search, target checks, report
 writing) is pure and unit-tested (tests/test_bench.py); everything live runs
@@ -442,6 +444,9 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[A
 
         out.append(("Precision (benign corpus replayed) next to detection (attack cases)",
                     ["what", "value", "how"], precision_rows(results["precision"])))
+    from .bench_wire import wire_tables
+
+    out.extend(wire_tables(results.get("wire")))
     tg = results.get("targets")
     if tg:
         out.append(("Targets", ["target", "goal", "measured", "met"],
@@ -1048,6 +1053,7 @@ class Section(str, enum.Enum):
     latency = "latency"
     resources = "resources"
     scale = "scale"
+    wire = "wire"  # tracer/bench_wire.py
 
 
 class Compare(str, enum.Enum):
@@ -1439,6 +1445,11 @@ class Bench:
         return res
 
     # -------------------------------------------------------------- the run
+    def section_wire(self) -> dict[str, Any]:
+        from .bench_wire import section_wire
+
+        return section_wire(self)
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.time()

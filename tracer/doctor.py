@@ -146,6 +146,11 @@ def _selftest() -> list[Check]:
     try:
         ready = rt.start()
         out.append(Check("bpf_load", "ok", f"{len(ready['programs'])} programs attached, compiled in {ready['compile_s']}s"))
+        wire = rt.probes.wire_error if rt.probes is not None else None
+        out.append(Check("cgroup_skb", "fail" if wire else "ok",
+                         wire or "cgroup_skb egress + sock release programs attached at the cgroup2 root (bpf links)",
+                         "a kernel with cgroup_skb programs and bpf links (>= 5.9 for sock release): without "
+                         "them wire inspection (protocol rules) is off", required=False))
         for path, res in sorted(ready.get("selftest", {}).items()):
             out.append(Check(f"enforce:{path}", "ok" if res.startswith("ok") else "fail", res,
                              "see the detail; enforcement on this path is not claimed"))

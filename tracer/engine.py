@@ -157,9 +157,10 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, mo
 
 
 def wire_hold(policy) -> bool:
-    """Hold the writer of a candidate first write (SSH-, '{', TLS) until
-    user space rules: only when some enabled protocol rule enforces."""
-    return any(getattr(r.on, "value", r.on) == "protocol" and r.enabled and r.action.enforces
+    """Hold the payload of undecided episode flows in the kernel until user
+    space rules (bpf/wire.h): when some enabled protocol rule enforces, or a
+    connect rule does (a proxy request's target is judged like a connect)."""
+    return any(getattr(r.on, "value", r.on) in ("protocol", "connect") and r.enabled and r.action.enforces
                for r in policy.rules)
 
 
@@ -252,7 +253,8 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "description": verdict.description,
         "policy_version": policy_version,
     }
-    for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset",
+    for k in ("addr", "port", "family", "path", "protocol", "sni", "alpn", "method", "proxy_host", "proxy_port", "call",
+              "matched_bytes", "matched_offset",
               "local_addr", "local_port", "listener_exe"):
         if rec.get(k) is not None:
             a[k] = rec[k]
@@ -283,6 +285,7 @@ class Engine:
         self._budget_fired: set[tuple[str, str | None]] = set()
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
+        self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
         self.reloads = 0
         self.reload_failures = 0
         from .policy import Holds
@@ -318,7 +321,8 @@ class Engine:
 
     def load_kernel(self, canary: bool = False) -> None:
         km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary, monitor=self.monitor)
-        km.wire_hold = not self.monitor and wire_hold(self.policy)
+        # the self-test proves the wire hold on its canary flow (monitor mode too)
+        km.wire_hold = canary or (not self.monitor and wire_hold(self.policy))
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
@@ -366,8 +370,12 @@ class Engine:
             action = getattr(v.action, "value", v.action)
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
-            already = t in ("exec", "gpu_open") and bool(rec.get("killed_in_kernel"))
-            held = (t == "exec" and rec.get("gated")) or (t == "protocol" and rec.get("held"))
+            # a protocol `deny` is the flow dropped in the kernel (tracer.flows)
+            already = ((t in ("exec", "gpu_open") and bool(rec.get("killed_in_kernel")))
+                       or (t == "protocol" and action == "deny"))
+            if t == "protocol" and self.flows is not None and action in ENFORCING_ACTIONS and not self.monitor:
+                self.flows.deny(rec)  # before the action runs: even an orphaned socket sends nothing
+            held = t == "exec" and rec.get("gated")
             if action == "freeze-episode" and held:
                 outcome = self.enforcer.apply(action, rec)
                 self._continue(rec["pid"])
@@ -380,8 +388,8 @@ class Engine:
         if t == "exec" and rec.get("gated") and not rec.get("killed_in_kernel"):
             if not enforcing_verdict:
                 self._continue(rec["pid"])
-        elif t == "protocol" and rec.get("held") and not enforcing_verdict:
-            self._continue(rec["pid"])
+        elif t == "protocol" and self.flows is not None:
+            out.extend(self.flows.verdict(rec, enforcing_verdict, self))
         return out
 
     def _unjudgeable_exec(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -542,6 +550,9 @@ class Engine:
                 res["connect_deny"] = self._canary_connect(cg)
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
+            from .flows import canary_wire
+
+            res["wire_hold"] = canary_wire(self.probes, self._in_cgroup(cg))
         except Exception as e:  # noqa: BLE001 - report, never crash the start
             res.setdefault("connect_deny", f"failed: {e}")
         finally:
@@ -647,7 +658,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races, "reloads": self.reloads,
-                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {})}
+                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
+                **(self.flows.stats() if self.flows is not None else {})}
 
 
 def _proc_state(pid: int) -> str | None:

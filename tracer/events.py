@@ -27,7 +27,7 @@ class Kind(enum.IntEnum):
     GPU_OPEN = 9
     DENY = 10
     GATE_RACE = 11
-    PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
+    PROTOCOL = 12  # first bytes of a new outbound TCP flow (wire_event, decoded as a wire_report)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
     ESCAPE = 18  # an episode member was moved to a cgroup outside its episode (escape_event)
     CGROUP_RMDIR = 28  # ... was removed, after every record of what ran in it (cgroup_event)
@@ -83,6 +83,10 @@ class Counter(enum.IntEnum):
     EXEC_KILLED = 2
     DENIED = 3
     WIRE_HELD = 4
+    WIRE_DENIED = 5
+    WIRE_FULL = 6
+    WIRE_UNREPORTED = 7
+    WIRE_MIDSTREAM = 8
     ESCAPES = 10
     EXEC_NO_ARGV = 11
     GPU_OPEN_KILLED = 12
@@ -131,12 +135,17 @@ SOCKADDR_LEN = 112
 MEMFD_NAME_LEN = 64
 OPEN_PATH_LEN = 64
 GPU_PREFIX_MAX = 8
-WIRE_CAP = 2048
+WIRE_CAP = 4096
+WIRE_HEAD = 96  # offsetof(struct wire_event, data)
 CGROUP_PATH_LEN = 256
 
-# wire_event.call / flags
-WIRE_CALLS = {0: "write", 1: "sendto", 2: "sendmsg", 3: "writev"}
+# wire_event.flags, flow_verdict.flags
 WIRE_HELD = 1 << 0
+WIRE_SYN_DATA = 1 << 1
+WIRE_FULL = 1 << 2
+WIRE_V6 = 1 << 3
+VERDICT_DENY = 1 << 0
+VERDICT_DONE = 1 << 1
 
 
 @dataclass(frozen=True)
@@ -216,20 +225,20 @@ LAYOUTS: dict[Kind, Layout] = {
         ),
     ),
     Kind.GATE_RACE: Layout("gate_race_event", HDR_FIELDS + (("target", "I"), ("sig", "I"))),
-    Kind.PROTOCOL: Layout(
+    Kind.PROTOCOL: Layout(  # the fixed head; data[0:captured] follows (variable length)
         "wire_event",
         HDR_FIELDS
         + (
-            ("fd", "i"),
-            ("call", "I"),
-            ("len", "Q"),
+            ("cookie", "Q"),
             ("captured", "I"),
             ("flags", "I"),
+            ("upto", "I"),
             ("family", "H"),
             ("port", "H"),
-            ("_pad", "I"),
+            ("sport", "H"),
+            ("_pad", "H"),
+            ("_pad2", "I"),
             ("addr", "16s"),
-            ("data", f"{WIRE_CAP}s"),
         ),
     ),
     Kind.CGROUP_MKDIR: Layout(
@@ -249,6 +258,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "comm_key": Layout("comm_key", (("gen", "I"), ("comm", f"{COMM_LEN}s"))),
     "lpm4_key": Layout("lpm4_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "4s"))),
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
+    "flow_verdict": Layout("flow_verdict", (("upto", "I"), ("flags", "I"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
     ),
@@ -403,18 +413,24 @@ def _gate_race(v: tuple) -> dict[str, Any]:
             "comm": _comm(v[6]), "target": v[7], "sig": v[8]}
 
 
-def _protocol(v: tuple) -> dict[str, Any]:
-    from .protocols import escape, identify
+_WIRE_HEAD_STRUCT = struct.Struct(LAYOUTS[Kind.PROTOCOL].fmt)
 
-    fd, call, length, captured, flags, fam, port, _pad, raw, data = v[7:17]
-    data = data[:captured]
-    w = identify(data)
-    return {"type": "protocol", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
-            "comm": _comm(v[6]), "fd": fd, "call": WIRE_CALLS.get(call, str(call)), "len": length,
-            "captured": len(data), "held": bool(flags & WIRE_HELD), "family": FAMILY_NAMES.get(fam, str(fam)),
+
+def _wire_unpack(buf) -> tuple:
+    """A flow report is variable length: the head, then data[0:captured]."""
+    v = _WIRE_HEAD_STRUCT.unpack_from(buf)
+    return v + (bytes(buf[WIRE_HEAD:WIRE_HEAD + v[8]]),)
+
+
+def _protocol(v: tuple) -> dict[str, Any]:
+    """A flow report (bpf/wire.h): the first bytes of a TCP flow so far.
+    Internal: tracer.flows judges it into `protocol` records per message."""
+    cookie, captured, flags, upto, fam, port, sport, _p, _p2, raw, data = v[7:18]
+    return {"type": "wire_report", "ktime": v[0], "cgroup": v[1], "pid": v[3], "uid": v[5],
+            "comm": _comm(v[6]), "cookie": cookie, "captured": captured, "flags": flags, "upto": upto,
+            "family": FAMILY_NAMES.get(fam, str(fam)),
             "addr": _ntop(_AF_INET, raw[:4]) if fam == _AF_INET else str(ipaddress.IPv6Address(raw)),
-            "port": port, "protocol": w.protocol, "sni": w.sni, "matched_bytes": escape(w.matched),
-            "matched_offset": w.offset}
+            "port": port, "sport": sport, "data": data}
 
 
 def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
@@ -458,6 +474,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
 _BY_KIND: dict[int, tuple[Callable[..., tuple], Callable[[tuple], dict[str, Any]], int]] = {
     int(k): (st.unpack_from, fn, st.size) for k, (st, fn) in _DECODERS.items()
 }
+_BY_KIND[int(Kind.PROTOCOL)] = (_wire_unpack, _protocol, WIRE_HEAD)
 _kind_at = _KIND_AT.unpack_from
 _struct_error = struct.error
 

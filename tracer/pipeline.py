@@ -47,6 +47,7 @@ class Pipeline:
         self.count = 0
         self.by_kind: Counter[str] = Counter()
         self.decode_errors = 0
+        self.wire: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None  # tracer.flows: report -> records
 
     # live ------------------------------------------------------------------
     def feed_raw(self, buf: bytes) -> None:
@@ -60,6 +61,19 @@ class Pipeline:
             log.warning("dropping undecodable record: %s", e)
             return
         rec["ts"] = rec["ktime"] / 1e9 + self.offset
+        if rec["type"] == "wire_report":  # a flow's first bytes: judged into protocol records
+            if self.wire is not None:
+                for r in self.wire(rec):
+                    r["ts"] = rec["ts"]
+                    if r["pid"] is None:  # no connect seen (a socket of the episode's cgroup): by cgroup
+                        r["episode"] = self.tracker.cgroups.episode_of(r["cgroup"])
+                        self.emit(r)
+                        if self.engine is not None:
+                            for x in self.engine.process(r):
+                                self.emit(x)
+                    else:
+                        self.handle(r)
+            return
         out = self.tracker.observe(rec)
         engine = self.engine
         if len(out) == 1 and out[0] is rec:

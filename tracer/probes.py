@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ SOCK_ADDR_PROGS = {
     "at_sendmsg4": "CGROUP_UDP4_SENDMSG",
     "at_sendmsg6": "CGROUP_UDP6_SENDMSG",
 }
+# the wire programs (bpf/wire.h): first bytes of episode TCP flows in the
+# packet path, and the forgetting of a flow at socket release
+WIRE_PROGS = {
+    "at_wire_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
+    "at_wire_release": ("CGROUP_SOCK", "CGROUP_INET_SOCK_RELEASE"),
+}
 BPF_F_ALLOW_MULTI = 2
 DEFAULT_GPU_PREFIXES = ("/dev/nvidia", "/dev/dri/", "/dev/kfd")
 EPISODE_DIR = "agent-tracer"
@@ -44,6 +51,23 @@ def _malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to give back this way
         pass
+
+
+_SYS_BPF = 321  # x86_64
+_BPF_LINK_CREATE = 28
+
+
+def _link_create(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE of a cgroup program (kernel >= 5.7): the link fd."""
+    attr = (ctypes.c_uint32 * 16)()
+    attr[0], attr[1], attr[2], attr[3] = prog_fd, cgroup_fd, attach_type, 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE (attach type {attach_type}): {os.strerror(err)}")
+    return int(fd)
 
 
 def ensure_tracefs() -> None:
@@ -143,6 +167,9 @@ class Probes:
             p.decode() if isinstance(p, bytes) else str(p) for p in self.bpf.tracepoint_fnname_map()
         ) if hasattr(self.bpf, "tracepoint_fnname_map") else []
         self._sock_attached: list[tuple[object, int, int]] = []
+        self.wire_attached: list[str] = []
+        self.wire_error: str | None = None
+        self._wire_links: list[int] = []
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
@@ -202,6 +229,30 @@ class Probes:
         except Exception as e:
             self._detach_sock_addr()
             raise ProbeError(f"attaching cgroup sock_addr programs failed: {e}") from e
+        # at the cgroup2 root, not <cgroup2>/agent-tracer: processes in an
+        # episode by env marker or lineage make their sockets outside it.
+        # As bpf links: the attachment ends with this process, so a tracer
+        # that died cannot leave a packet path that holds flows nobody judges
+        try:
+            for fn_name, (prog_type, type_name) in WIRE_PROGS.items():
+                at = getattr(attach_types, type_name)
+                fn = self.bpf.load_func(fn_name, getattr(BPF, prog_type), attach_type=at)
+                self._wire_links.append(_link_create(fn.fd, self._cg_root_fd, int(at)))
+                self.wire_attached.append(fn_name)
+        except Exception as e:
+            # the rest of the tracer still works: say so (ready record, doctor)
+            self._close_wire_links()
+            self.wire_error = f"attaching the cgroup_skb wire programs failed: {e}"
+            log.error("%s: wire inspection is off", self.wire_error)
+
+    def _close_wire_links(self) -> None:
+        for fd in self._wire_links:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+        self._wire_links.clear()
+        self.wire_attached.clear()
 
     def _detach_sock_addr(self) -> None:
         BPF = self._BPF
@@ -211,6 +262,7 @@ class Probes:
             except Exception as e:  # pragma: no cover
                 log.warning("detaching %s: %s", fn, e)
         self._sock_attached.clear()
+        self._close_wire_links()
         if self._cg_root_fd >= 0:
             os.close(self._cg_root_fd)
             self._cg_root_fd = -1
@@ -218,7 +270,7 @@ class Probes:
     def attached_programs(self) -> list[str]:
         tps = [f"tracepoint:{k}" for k in sorted(self._tracepoints())]
         socks = [f"cgroup:{n}" for n in SOCK_ADDR_PROGS if self._sock_attached]
-        return tps + socks
+        return tps + socks + [f"cgroup:{n}" for n in self.wire_attached]
 
     def _tracepoints(self) -> list[str]:
         try:
@@ -350,6 +402,60 @@ class Probes:
             return True
         except KeyError:
             return False
+
+    # wire flows (bpf/wire.h), by socket cookie ---------------------------------
+    def set_flow_verdict(self, cookie: int, upto: int, flags: int) -> None:
+        t = self.bpf["flow_verdict"]
+        v = t.Leaf()
+        v.upto, v.flags = min(upto, 0xFFFFFFFF), flags
+        t[ctypes.c_ulonglong(cookie)] = v
+
+    def held_flows(self) -> dict[int, int]:
+        """cookie -> since when (CLOCK_MONOTONIC ns) its payload is held."""
+        return {k.value: v.value for k, v in self.bpf["flow_held"].items()}
+
+    def forget_held(self, cookie: int) -> None:
+        try:
+            del self.bpf["flow_held"][ctypes.c_ulonglong(cookie)]
+        except KeyError:
+            pass
+
+    def flow_owner(self, cookie: int) -> dict[str, object] | None:
+        try:
+            f = self.bpf["flows"][ctypes.c_ulonglong(cookie)]
+        except KeyError:
+            return None
+        return {"pid": f.tgid, "uid": f.uid, "comm": bytes(f.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                "state": f.state, "cgroup": f.cgroup_id}
+
+    @staticmethod
+    def live_socket_cookies() -> set[int]:
+        """Cookies of every TCP socket of this network namespace (sock_diag,
+        orphans included)."""
+        from pyroute2 import DiagSocket
+
+        out: set[int] = set()
+        with DiagSocket() as ds:
+            ds.bind()
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                for m in ds.get_sock_stats(family=fam, states=0xFFF):
+                    out.add(int(m["idiag_cookie"]))
+        return out
+
+    def forget_flows_except(self, live: set[int]) -> int:
+        """Drop the kernel entries of released flows whose socket is gone."""
+        n = 0
+        flows = self.bpf["flows"]
+        for k, f in list(flows.items()):
+            if k.value in live or not (f.flags & 1):  # AT_FLOW_RELEASED
+                continue
+            for name in ("flows", "flow_verdict", "flow_bufs", "flow_held"):
+                try:
+                    del self.bpf[name][ctypes.c_ulonglong(k.value)]
+                except KeyError:
+                    pass
+            n += 1
+        return n
 
     # policy generation flip -------------------------------------------------
     def active_gen(self) -> int:

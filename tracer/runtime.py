@@ -46,6 +46,7 @@ class RunOptions:
     gate_default: str = "kill"
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
+    wire_timeout: float = 3.0  # seconds an undecided episode flow may stay held before it is denied
     extra_sinks: list[Sink] = field(default_factory=list)
     # scale (docs/scale.md): concurrent episodes the tracer gives a kernel
     # identity (more are refused), the first generation of each identity
@@ -77,6 +78,7 @@ class Runtime:
         self.stop_event = threading.Event()
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
         self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
+        self.flows: Any = None  # tracer.flows.FlowInspector (wire verdicts, held-flow timeouts)
         self._last_relay = 0.0
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
 
@@ -100,8 +102,13 @@ class Runtime:
                                slot_start_gen=opts.slot_start_gen)
         self.tracker.slots.on_wrap = self.probes.untrack_slot_index
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
+        from .flows import FlowInspector
+
+        self.flows = FlowInspector(self.probes, self.tracker, timeout_s=opts.wire_timeout)
+        self.pipeline.wire = self.flows.feed
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
+            engine.flows = self.flows
             engine.load_kernel()
         now = time.time()
         for r in self.tracker.seed(now):
@@ -282,6 +289,8 @@ class Runtime:
             if eng is not None and eng._gate_seen is not None:
                 for r in eng.poll_gates(now):
                     self.pipeline.emit(r)
+            for r in self.flows.poll():
+                self.pipeline.emit(r)
             if now - self._last_tick >= self.opts.stats_interval:
                 self.tick(now)
             if self.relay is not None and now - self._last_relay >= self.opts.relay_interval:
@@ -359,6 +368,8 @@ class Runtime:
             self.gpu = None
         for h in self._poll_hooks:
             h()
+        if self.flows is not None and self.probes is not None:
+            self.flows.close()  # before the wire programs go: held flows cannot stay held
         if self.pipeline is not None and self.pipeline.engine is not None:
             self.pipeline.engine.close()
         if self.probes is not None:

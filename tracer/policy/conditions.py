@@ -469,6 +469,12 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
         **_defs(
             FieldDef("protocol", FType.STR, _ev("protocol")),
             FieldDef("sni", FType.STR, _ev("sni")),
+            FieldDef("alpn", FType.STRS, lambda s: s.event.get("alpn") or []),
+            FieldDef("method", FType.STR, _ev("method")),  # JSON-RPC method, HTTP method
+            FieldDef("proxy_host", FType.STR, _ev("proxy_host")),  # HTTP CONNECT / absolute-URI target
+            FieldDef("proxy_port", FType.PORT, _ev("proxy_port")),
+            FieldDef("held", FType.BOOL, _ev("held")),
+            FieldDef("truncated", FType.BOOL, _ev("truncated")),
             _FAMILY,
             _ADDR,
             _PORT,

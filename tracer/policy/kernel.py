@@ -18,7 +18,7 @@ MAX_DENY_RULES = 63
 # Fields of a connect deny rule the cgroup sock_addr program can evaluate
 # (episode is resolved to cgroups by user space when it fills the maps).
 KERNEL_CONNECT_FIELDS = ("addr", "port", "family", "protocol", "sock_type", "episode")
-DENY_KINDS = (Kind.EXEC, Kind.CONNECT, Kind.GPU_OPEN)
+DENY_KINDS = (Kind.EXEC, Kind.CONNECT, Kind.GPU_OPEN, Kind.PROTOCOL)  # protocol: the flow dropped in the packet path
 _SOCK_TYPE_PROTOCOL = {"stream": "tcp", "dgram": "udp"}
 
 
@@ -261,11 +261,11 @@ def deny_problems(
             DenyProblem(
                 None,
                 None,
-                f"deny is enforced in the kernel, which can deny only exec, connect and gpu_open; "
+                f"deny is enforced in the kernel, which can deny only exec, connect, gpu_open and protocol (a flow); "
                 f"use action = \"kill\" for '{on.value}' events",
             )
         ]
-    if on is Kind.EXEC:
+    if on is Kind.EXEC or on is Kind.PROTOCOL:
         return []
     if on is Kind.GPU_OPEN:
         return _gpu_deny_problems(match, excepts, scope)
