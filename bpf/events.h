@@ -22,6 +22,7 @@
 #define AT_EPISODE_LEN 64     /* AGENT_EPISODE_ID value */
 #define AT_SOCKADDR_LEN 112   /* enough for sockaddr_un and sockaddr_in6 */
 #define AT_UNIX_PATH_LEN 108
+#define AT_UNIX_KEY_LEN 112   /* sun_path (108) padded to 8 bytes */
 #define AT_MEMFD_NAME_LEN 64
 #define AT_OPEN_PATH_LEN 64
 #define AT_GPU_PREFIX_MAX 8
@@ -47,7 +48,8 @@ enum at_kind {
 	AT_EV_PROTOCOL = 12,  /* first bytes written on a new outbound TCP connection */
 	AT_EV_CGROUP_MKDIR = 13, /* a cgroup2 directory was made (level >= 2): names
 				    an episode cgroup before anything runs in it */
-	AT_EV_KIND_MAX = 14,
+	AT_EV_UNIX_DENY = 22,  /* the cgroup unix-connect program refused a connect (bpf/nodesvc.h) */
+	AT_EV_KIND_MAX = 23,
 };
 
 /* exec_event.flags */
@@ -81,7 +83,13 @@ enum at_counter {
 	AT_CNT_EXEC_KILLED = 2,
 	AT_CNT_DENIED = 3,
 	AT_CNT_WIRE_HELD = 4,    /* first writes held (SIGSTOP) for a verdict */
-	AT_CNT_MAX = 5,
+	AT_CNT_RATE_DROPPED = 14, /* records dropped by the per-episode rate limit (bpf/nodesvc.h) */
+	AT_CNT_MAP_FULL = 15,     /* an in-scope exec or connect whose pending-args or tracking map
+				     entry could not be stored (held/denied, never let through) */
+	AT_CNT_UNIX_DENIED = 16,  /* unix connects refused by a unix deny rule */
+	AT_CNT_UNIX_UNVERIFIED = 17, /* unix connects refused because the path could not be judged
+					(arguments not seen, relative path, '..') */
+	AT_CNT_MAX = 18,
 };
 
 /* config array indices (u64 values written by user space) */
@@ -108,7 +116,10 @@ enum at_config {
 				    unconnected UDP sendmsg they match is reported
 				    (deny_event with AT_DENY_WOULD), connects are
 				    reported by their own records */
-	AT_CFG_MAX = 17,
+	AT_CFG_EPISODE_RATE = 25, /* per-episode record rate limit: records/s in the low 32
+				     bits, burst above; 0: off (bpf/nodesvc.h) */
+	AT_CFG_UNIX_DENY = 26,   /* bit g: unix deny rules are loaded in generation g */
+	AT_CFG_MAX = 27,
 };
 
 struct event_hdr {
@@ -232,7 +243,34 @@ struct wire_event {
 	__u8 data[AT_WIRE_CAP];
 };
 
+/* unix_deny_event.flags */
+#define AT_UNIX_WOULD (1u << 0)      /* monitor mode: matched, not refused */
+#define AT_UNIX_NO_ARGS (1u << 1)    /* the connect's arguments were not seen (no syscall-entry
+					stash: io_uring, 32-bit socketcall, map full): refused */
+#define AT_UNIX_RELATIVE (1u << 2)   /* relative path or a '..' component: refused */
+#define AT_UNIX_ABSTRACT (1u << 3)   /* abstract socket (path[0] == 0; shown as '@name') */
+
+/* a unix connect the cgroup unix-connect program refused (or matched in
+ * monitor mode); path is the canonical form it was judged by ('//' and '/./'
+ * squeezed), NUL padded */
+struct unix_deny_event {
+	struct event_hdr h;
+	__u64 rules;      /* mask of unix deny rules that matched */
+	__u32 flags;
+	__u32 pathlen;    /* bytes of path used (abstract names may hold NULs) */
+	__u8 path[AT_UNIX_KEY_LEN];
+};
+
 /* ---- keys of the policy maps (all carry the policy generation) ---- */
+
+/* a unix socket path in the unix_deny LPM trie: an exact path's prefix
+ * covers its terminating NUL, a 'prefix*' entry's only its bytes */
+struct unix_path_key {
+	__u32 prefixlen;  /* 32 (gen) + 8 * bytes */
+	__u32 gen;
+	__u8 path[AT_UNIX_KEY_LEN];
+};
+
 
 struct comm_key {
 	__u32 gen;

@@ -94,7 +94,8 @@ static __always_inline int on_execve(const char *filename, const char *const *ar
 		e->flags |= AT_EXEC_ENV_MARKER;
 		if (!tracked.lookup(&tgid)) {
 			u32 v = AT_TRACK_ENV;
-			tracked.update(&tgid, &v);
+			if (tracked.update(&tgid, &v))
+				count(AT_CNT_MAP_FULL);
 		}
 		scoped = 1;
 	}
@@ -126,7 +127,8 @@ static __always_inline int on_execve(const char *filename, const char *const *ar
 			e->flags |= AT_EXEC_ARGV_TRUNCATED;
 	}
 	e->args_len = off; /* < AT_ARGV_BUF + AT_ARG_LEN: the buffer has that room */
-	exec_pending.update(&tid, e);
+	if (exec_pending.update(&tid, e))
+		count(AT_CNT_MAP_FULL);   /* sched_process_exec still gates it (episode member) */
 	return 0;
 }
 
@@ -195,7 +197,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	ck.gen = (u32)cfg(AT_CFG_GEN);
 	bpf_get_current_comm(ck.comm, sizeof(ck.comm));
 	u8 kill = comm_verdict(kill_comms.lookup(&ck));
-	int scoped = p != 0;
+	/* an episode member whose execve arguments were not stashed (map full,
+	 * an entry the syscall tracepoints do not see) is still judged: killed,
+	 * gated and reported (argv from /proc) like the others */
+	int scoped = p != 0 || in_episode(tgid);
+	u64 gk = 0;
 
 	/* known-bad names: killed here, before the new image runs */
 	if (kill == 2 || (kill == 1 && scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1))) {
@@ -207,24 +213,37 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	u32 flags = p ? p->flags : AT_EXEC_NO_ARGV;
 	if (kill) {
 		flags |= AT_EXEC_KILLED;
-	} else if (exec_gate(p != 0, tgid, &ck)) {
+	} else if (exec_gate(scoped, tgid, &ck)) {
 		u32 held = 1;
+		gk = bpf_ktime_get_ns();
+		gate_ktime.update(&tgid, &gk);
 		gated.update(&tgid, &held);
 		bpf_send_signal(AT_SIGSTOP);
 		count(AT_CNT_GATED);
 		flags |= AT_EXEC_GATED;
 	}
+	/* a record that no verdict waits on may be dropped by the episode's
+	 * rate limit (nodesvc.h); a gated one never is: if it cannot be reserved
+	 * the process stays held and user space judges it from /proc */
+	int judged = (flags & (AT_EXEC_KILLED | AT_EXEC_GATED)) != 0;
 	if (!p) {
 		/* out of scope: reported only when killed or gated (scope = "all"
-		 * rules); argv was not captured at execve */
-		if (!(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
+		 * rules); argv was not captured at execve. An episode member
+		 * without stashed arguments is always reported. */
+		if (!judged && !scoped)
 			return 0;
+		if (!judged && !episode_rate_ok(episode_slot_now(tgid))) {
+			count_lost(AT_EV_EXEC);
+			return 0;
+		}
 		struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 		if (!e) {
 			count_lost(AT_EV_EXEC);
 			return 0;
 		}
 		fill_hdr(&e->h, AT_EV_EXEC);
+		if (gk)
+			e->h.ktime = gk;
 		e->flags = flags;
 		e->argc = 0;
 		e->args_len = 0;
@@ -235,6 +254,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		return 0;
 	}
 
+	if (!judged && !episode_rate_ok(episode_slot_now(tgid))) {
+		count_lost(AT_EV_EXEC);
+		exec_pending.delete(&old);
+		return 0;
+	}
 	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 	if (!e) {
 		count_lost(AT_EV_EXEC);
@@ -243,6 +267,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), p);
 	fill_hdr(&e->h, AT_EV_EXEC);
+	if (gk)
+		e->h.ktime = gk;
 	e->flags = flags;
 	e->old_pid = old;
 	TP_DATA_LOC_READ_STR(e->filename, filename, AT_FILENAME_LEN);
@@ -354,6 +380,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	}
 	tracked.delete(&tgid);
 	gated.delete(&tgid);
+	gate_ktime.delete(&tgid);
 	self_tree.delete(&tgid);
 	if (!scoped)
 		return 0;

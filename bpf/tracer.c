@@ -41,6 +41,7 @@
  * programs of each topic */
 #include "maps.h"
 #include "common.h"
+#include "nodesvc.h"
 #include "process.h"
 #include "sockets.h"
 #include "gpu.h"

@@ -26,6 +26,7 @@ from .proctable import Proc, ProcessTable
 EPISODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
+     "unix_deny",
      "protocol"}
 )
 

@@ -29,13 +29,14 @@ class Kind(enum.IntEnum):
     GATE_RACE = 11
     PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
+    UNIX_DENY = 22  # the cgroup unix-connect program refused a connect (unix_deny_event)
 
     @property
     def record_type(self) -> str:
         return self.name.lower()
 
 
-KIND_MAX = 14
+KIND_MAX = 23
 
 # exec_event.flags
 EXEC_ARGV_TRUNCATED = 1 << 0
@@ -59,9 +60,13 @@ class Counter(enum.IntEnum):
     EXEC_KILLED = 2
     DENIED = 3
     WIRE_HELD = 4
+    RATE_DROPPED = 14  # records dropped by the per-episode rate limit
+    MAP_FULL = 15  # pending-args / tracking map entries that could not be stored
+    UNIX_DENIED = 16  # unix connects refused by a unix deny rule
+    UNIX_UNVERIFIED = 17  # unix connects refused: path not judgeable (no args, relative, '..')
 
 
-COUNTER_MAX = 5
+COUNTER_MAX = 18
 
 
 class Config(enum.IntEnum):
@@ -82,9 +87,11 @@ class Config(enum.IntEnum):
     GATE_ALL_GLOBAL = 14
     WIRE_HOLD = 15
     MONITOR = 16
+    EPISODE_RATE = 25  # per-episode record rate: records/s | burst << 32; 0 off
+    UNIX_DENY = 26  # bit g: unix deny rules loaded in generation g
 
 
-CONFIG_MAX = 17
+CONFIG_MAX = 27
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
@@ -103,6 +110,14 @@ OPEN_PATH_LEN = 64
 GPU_PREFIX_MAX = 8
 WIRE_CAP = 2048
 CGROUP_PATH_LEN = 256
+UNIX_PATH_LEN = 108
+UNIX_KEY_LEN = 112
+
+# unix_deny_event.flags (bpf/events.h)
+UNIX_WOULD = 1 << 0
+UNIX_NO_ARGS = 1 << 1
+UNIX_RELATIVE = 1 << 2
+UNIX_ABSTRACT = 1 << 3
 
 # wire_event.call / flags
 WIRE_CALLS = {0: "write", 1: "sendto", 2: "sendmsg", 3: "writev"}
@@ -204,6 +219,10 @@ LAYOUTS: dict[Kind, Layout] = {
     Kind.CGROUP_MKDIR: Layout(
         "cgroup_event", HDR_FIELDS + (("id", "Q"), ("level", "i"), ("_pad", "I"), ("path", f"{CGROUP_PATH_LEN}s"))
     ),
+    Kind.UNIX_DENY: Layout(
+        "unix_deny_event",
+        HDR_FIELDS + (("rules", "Q"), ("flags", "I"), ("pathlen", "I"), ("path", f"{UNIX_KEY_LEN}s")),
+    ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
 
@@ -212,6 +231,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "comm_key": Layout("comm_key", (("gen", "I"), ("comm", f"{COMM_LEN}s"))),
     "lpm4_key": Layout("lpm4_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "4s"))),
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
+    "unix_path_key": Layout("unix_path_key", (("prefixlen", "I"), ("gen", "I"), ("path", f"{UNIX_KEY_LEN}s"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
     ),
@@ -378,6 +398,24 @@ def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
             "comm": _comm(v[6]), "cgroup_id": v[7], "level": v[8], "path": cstr(v[10])}
 
 
+def unix_path_text(raw: bytes, abstract: bool) -> str:
+    """A sun_path as the policy writes it: abstract names as '@name'."""
+    if abstract:
+        return "@" + raw[1:].rstrip(b"\0").decode("utf-8", "replace")
+    return cstr(raw)
+
+
+def _unix_deny(v: tuple) -> dict[str, Any]:
+    flags, used = v[8], v[9]
+    raw = v[10][:used]
+    reason = ("arguments not seen" if flags & UNIX_NO_ARGS else
+              "relative path or '..'" if flags & UNIX_RELATIVE else None)
+    return {"type": "unix_deny", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "rules_mask": v[7], "family": "unix", "call": "connect",
+            "path": unix_path_text(raw, bool(flags & UNIX_ABSTRACT)) if not flags & UNIX_NO_ARGS else None,
+            "unverified": reason, "would": bool(flags & UNIX_WOULD)}
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -392,6 +430,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
+    Kind.UNIX_DENY: (_STRUCTS[Kind.UNIX_DENY], _unix_deny),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum
