@@ -241,7 +241,8 @@ int at_connect_unix(struct bpf_sock_addr *ctx)
 			return 1;
 		mask = *m;
 	}
-	u32 would = cfg(AT_CFG_MONITOR) ? AT_UNIX_WOULD : 0;
+	/* monitor mode: allow and report; the self-test's canary path stays refused */
+	u32 would = cfg(AT_CFG_MONITOR) && !(mask & (1ULL << AT_RULE_CANARY)) ? AT_UNIX_WOULD : 0;
 	if (!would)
 		count(mask ? AT_CNT_UNIX_DENIED : AT_CNT_UNIX_UNVERIFIED);
 	struct unix_deny_event *e = events.ringbuf_reserve(sizeof(struct unix_deny_event));

@@ -21,6 +21,7 @@ from .events import TRACK_ENV, TRACK_LINEAGE
 from .paths import CONTROL_SOCKET, RUN_DIR
 from .pipeline import Pipeline, Sink
 from .probes import ProbeConfig, Probes
+from .nodesvc import EPISODE_BURST, EPISODE_RATE, EpisodeLoss
 from .sinks import JsonlSink, VerdictSink
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class RunOptions:
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
+    episode_rate: int = EPISODE_RATE  # per-episode record rate limit in the kernel (records/s; 0: off)
+    episode_burst: int = EPISODE_BURST
 
 
 class Runtime:
@@ -70,6 +73,7 @@ class Runtime:
         self.gpu: Any = None  # tracer.gpu_watch.GpuWatcher once started
         self.relay: Any = None  # tracer.relay.Scanner when relay_interval > 0
         self._last_relay = 0.0
+        self.episode_loss = EpisodeLoss()
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -87,6 +91,7 @@ class Runtime:
         # invalid policy refuses to start before anything is attached
         engine = self._make_engine()
         self.probes = Probes(pcfg, self._on_raw)
+        self.probes.set_episode_rate(opts.episode_rate, opts.episode_burst)
         self.tracker = Tracker(self.probes.episode_root, live=True)
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
         if engine is not None:
@@ -107,6 +112,7 @@ class Runtime:
             "scope": "all" if opts.scope_all else "episodes",
             "mode": "monitor" if opts.monitor else "enforce",
             "programs": self.probes.attached_programs(),
+            "hooks": dict(self.probes.hooks),
             "policy_version": engine.policy_version if engine is not None else None,
             "selftest": selftest,
             "compile_s": round(self.probes.compile_s, 3),
@@ -176,6 +182,7 @@ class Runtime:
         if t == "episode_start":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
+                self.episode_loss.started(self.probes, e)
                 for cg in e.cgroup_ids:
                     self.probes.add_episode_cgroup(cg, e.slot)
                 if self.engine_slot_hook:
@@ -183,6 +190,7 @@ class Runtime:
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
+                self.episode_loss.ended(self.probes, e)
                 for cg in e.cgroup_ids:
                     self.probes.remove_episode_cgroup(cg)
         elif t == "exec" and rec.get("env_episode") and rec.get("membership") == "env":
@@ -254,6 +262,8 @@ class Runtime:
                 pl.emit({"type": "lost", "ts": wall, "episode": None, "kind": kind,
                          "count": total - seen, "total": total})
                 self._lost_seen[kind] = total
+        for r in self.episode_loss.records(self.probes, list(self.tracker.episodes.values()), wall):
+            pl.emit(r)
         for r in self.tracker.scan_cgroups(wall):
             pl.emit(r)
         if pl.engine is not None:
