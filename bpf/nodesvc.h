@@ -42,6 +42,11 @@ BPF_ARRAY(ep_lost, u64, 65536);
  * `gated`, judged from /proc, and its late record (if any) recognised */
 BPF_HASH(gate_ktime, u32, u64, 4096);
 
+/* bpf_set_retval (helper 187, kernel 5.18+): the errno a refused cgroup
+ * hook returns. bcc 0.26's helper table may not name it. */
+static long (*at_set_retval)(int retval) = (void *)187;
+#define AT_ECONNREFUSED 111
+
 /* ---------------------------------------------------------- helpers */
 
 /* episode slot of the current task (cgroup, else tracked), or -1 */
@@ -256,7 +261,13 @@ int at_connect_unix(struct bpf_sock_addr *ctx)
 	} else {
 		count_lost(AT_EV_UNIX_DENY);
 	}
-	return would ? 1 : 0;
+	if (would)
+		return 1;
+	/* refused as "no server listening" (ECONNREFUSED), not EPERM: a client
+	 * that starts its own server when none answers (tmux, screen) then
+	 * starts one inside the episode, whose socket the episode owns */
+	at_set_retval(-AT_ECONNREFUSED);
+	return 0;
 }
 
 #endif

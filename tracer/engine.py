@@ -376,6 +376,10 @@ class Engine:
         mask = rec.get("rules_mask", 0)
         if mask & (1 << CANARY_BIT):
             return []
+        from .nodesvc import reached_nothing
+
+        if reached_nothing(rec):
+            return []  # no such socket: a client probing for a server it then starts itself (tmux new)
         p = self.tracker.table.get(rec.get("pid")) if self.tracker else None
         if p is not None:
             rec.setdefault("argv", p.argv)
@@ -503,6 +507,7 @@ class Engine:
                 res["connect_deny"] = self._canary_connect(cg)
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
+                res["unix_connect_deny"] = self._canary_unix(cg)
         except Exception as e:  # noqa: BLE001 - report, never crash the start
             res.setdefault("connect_deny", f"failed: {e}")
         finally:
@@ -512,7 +517,6 @@ class Engine:
                 pass
             cgroups.remove(cg)
             self.load_kernel(canary=False)
-        res["unix_connect_deny"] = self._canary_unix(cg)
         res["kill_episode"] = "ok" if (root / "cgroup.kill").exists() or Path(cgroups.cgroup2_mount() / "cgroup.kill").exists() else "failed: no cgroup.kill (kernel < 5.14): falls back to per-pid SIGKILL"
         res["freeze_episode"] = "ok" if (root / "cgroup.freeze").exists() else "failed: no cgroup.freeze (kernel < 5.2)"
         if self.monitor:
@@ -564,8 +568,9 @@ class Engine:
 
     def _canary_unix(self, cg: Path) -> str:
         """A forked child in the canary cgroup connects to the canary unix
-        path (it never exists: the hook refuses before the lookup); only
-        EPERM proves the unix-connect deny path."""
+        path. It never exists, so without the hook the connect fails with
+        ENOENT; the hook refuses it before the lookup with ECONNREFUSED
+        (bpf_set_retval), which proves the unix-connect deny path."""
         if not self._unix_hook():
             return "failed: " + getattr(self.probes, "hooks", {}).get("unix_connect", "absent")
         enter = self._in_cgroup(cg)
@@ -592,9 +597,9 @@ class Engine:
                 return "failed: canary unix connect did not return within 10 s"
             time.sleep(0.002)
         rc = os.waitstatus_to_exitcode(status)
-        if rc == errno.EPERM:
+        if rc == errno.ECONNREFUSED:
             return "ok"
-        return f"failed: canary unix connect returned errno {rc}, expected EPERM"
+        return f"failed: canary unix connect returned errno {rc}, expected ECONNREFUSED (refused by the hook)"
 
     def _canary_exec(self, cg: Path, tmp: Path, name: str, expect: str) -> str:
         link = tmp / name

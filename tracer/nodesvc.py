@@ -100,6 +100,27 @@ def unix_deny_rules(plan: Any, mask: int, unverified: str | None) -> list[str]:
     return names
 
 
+def reached_nothing(rec: dict[str, Any]) -> bool:
+    """A refused unix connect to a pathname that does not exist (seen from
+    the process's root): it would have reached no server (ENOENT), so it
+    is refused and counted but raises no alert. tmux and screen probe
+    their socket like this before starting their own server."""
+    path = rec.get("path")
+    if not path or path.startswith("@") or rec.get("unverified") or not path.startswith("/"):
+        return False
+    pid = rec.get("pid")
+    root = f"/proc/{pid}/root" if pid else ""
+    if root and not os.path.exists(root):
+        return False  # the process is gone: cannot tell, alert
+    try:
+        os.lstat(root + path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 # ------------------------------------------------------------ /proc judgement
 def _read(path: str, binary: bool = False) -> Any:
     try:
