@@ -40,12 +40,16 @@ for target in sys.argv[3:]:
     s.settimeout(5)
     try:
         s.connect(addr)
-        s.send(b"GET /containers/json HTTP/1.0\r\n\r\n")
-        res.append("ok")
     except OSError as e:
         res.append(errno.errorcode.get(e.errno, str(e.errno)))
-    finally:
         s.close()
+        continue
+    res.append("ok")
+    try:
+        s.send(b"GET /containers/json HTTP/1.0\r\n\r\n")  # the listener may have closed already
+    except OSError:
+        pass
+    s.close()
 with open(out, "w") as f:
     f.write(" ".join(res))
 """
