@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .nodesvc import EPISODE_BURST, EPISODE_RATE
 from .paths import CONTROL_SOCKET, POLICY_DIR
 
 EXIT_START_FAILED = 3
@@ -65,8 +66,13 @@ def main(verbose: int) -> None:
               help="Verdict for an episode's gated exec whose decision timed out (outside episodes: always allow).")
 @click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
+@click.option("--episode-rate", default=EPISODE_RATE, show_default=True, type=click.IntRange(0, 1 << 31),
+              help="Records per second one episode may send (a kernel token bucket per episode; "
+                   "excess records are dropped and counted as lost for that episode); 0 turns it off.")
+@click.option("--episode-burst", default=EPISODE_BURST, show_default=True, type=click.IntRange(1, 1 << 31),
+              help="Burst of the per-episode rate limit (records).")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval) -> None:
+        gate_timeout, gate_default, gpu_interval, episode_rate, episode_burst) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -86,7 +92,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         log=log_path, scope_all=scope_all, monitor=monitor,
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
-        gpu_interval=gpu_interval,
+        gpu_interval=gpu_interval, episode_rate=episode_rate, episode_burst=episode_burst,
     )
     rt = Runtime(opts)
     try:

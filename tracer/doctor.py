@@ -15,6 +15,10 @@ TRACEPOINTS = (
     "signal/signal_deliver", "signal/signal_generate", "raw_syscalls/sys_enter",
 )
 FIX_INSTALL = "run scripts/install.sh as root (make install)"
+HOOK_FIX = {
+    "unix_connect": "kernel 6.7+ has the cgroup unix-connect hook; without it unix-socket deny rules "
+                    "(policies/services.toml) only alert, from the connect record, after the connect",
+}
 
 
 @dataclass
@@ -116,6 +120,9 @@ def _selftest() -> list[Check]:
     try:
         ready = rt.start()
         out.append(Check("bpf_load", "ok", f"{len(ready['programs'])} programs attached, compiled in {ready['compile_s']}s"))
+        for name, res in sorted(ready.get("hooks", {}).items()):
+            out.append(Check(f"hook:{name}", "ok" if res == "ok" else "warn", res,
+                             HOOK_FIX.get(name, "see the detail"), required=False))
         for path, res in sorted(ready.get("selftest", {}).items()):
             out.append(Check(f"enforce:{path}", "ok" if res.startswith("ok") else "fail", res,
                              "see the detail; enforcement on this path is not claimed"))
