@@ -232,7 +232,8 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
 
 
 class Engine:
-    def __init__(self, policy, policy_paths: list[Path], monitor: bool, gate_timeout: float, gate_default: str):
+    def __init__(self, policy, policy_paths: list[Path], monitor: bool, gate_timeout: float, gate_default: str,
+                 gate_proc_grace: float = 0.5):
         self.policy = policy
         self.policy_paths = policy_paths
         self.monitor = monitor
@@ -257,13 +258,15 @@ class Engine:
 
         self.holds = Holds()
         # gated processes whose exec record did not come: judged from /proc
-        self.proc_judge = ProcJudge(grace_s=min(0.5, gate_timeout / 4))
+        # (gate_proc_grace 0: off, only the gate timeout decides)
+        self.proc_judge = ProcJudge(grace_s=min(gate_proc_grace, gate_timeout / 4)) if gate_proc_grace > 0 else None
 
     @classmethod
     def from_options(cls, opts) -> "Engine":
         paths = [Path(p) for p in opts.policy_dirs]
         policy = load_policy_or_raise(paths)
-        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default)
+        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default,
+                   getattr(opts, "gate_proc_grace", 0.5))
 
     @property
     def policy_version(self) -> str:
@@ -302,7 +305,7 @@ class Engine:
             return self._kernel_denied(rec)
         if t == "unix_deny":
             return self._unix_denied(rec)
-        if t == "exec" and rec.get("gated") and self.proc_judge.already_judged(rec):
+        if t == "exec" and rec.get("gated") and self.proc_judge and self.proc_judge.already_judged(rec):
             return []  # judged from /proc while its record was late
         if t == "gate_race":
             self.gate_races += 1
@@ -416,7 +419,7 @@ class Engine:
             if pid in self.canary_pids:
                 continue
             first = self._gate_seen.setdefault(pid, now_mono)
-            if now_mono - first >= self.proc_judge.grace_s and self.pipeline is not None and \
+            if self.proc_judge and now_mono - first >= self.proc_judge.grace_s and self.pipeline is not None and \
                     self.proc_judge.judge(pid, self.probes, self.pipeline):
                 continue  # judged from /proc: continued or killed by the rules, like its record would have been
             if now_mono - first < self.gate_timeout:
@@ -648,7 +651,7 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races,
-                "gates_judged_from_proc": self.proc_judge.judged, "reloads": self.reloads,
+                "gates_judged_from_proc": self.proc_judge.judged if self.proc_judge else 0, "reloads": self.reloads,
                 "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {})}
 
 

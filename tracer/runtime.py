@@ -45,6 +45,7 @@ class RunOptions:
     policy: bool = True
     gate_timeout: float = 2.0
     gate_default: str = "kill"
+    gate_proc_grace: float = 0.5  # a held exec whose record has not come after this long is judged from /proc (0: off)
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
