@@ -42,12 +42,14 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	u32 *src = tracked.lookup(&tgid);
 	if (src) {
 		u32 v = (*src & ~0xffu) | AT_TRACK_LINEAGE;
-		tracked.update(&child, &v);
+		if (tracked.update(&child, &v))
+			count(AT_CNT_MAP_FULL);
 	} else if (!AT_SCOPE_ALL || cgroup_slot() >= 0) {
 		int slot = cgroup_slot();
 		if (slot >= 0) {
 			u32 v = ((u32)slot << 8) | AT_TRACK_LINEAGE;
-			tracked.update(&child, &v);
+			if (tracked.update(&child, &v))
+				count(AT_CNT_MAP_FULL);
 		}
 	}
 	RESERVE(e, struct fork_event, AT_EV_FORK);
@@ -215,12 +217,24 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		flags |= AT_EXEC_KILLED;
 	} else if (exec_gate(scoped, tgid, &ck)) {
 		u32 held = 1;
-		gk = bpf_ktime_get_ns();
-		gate_ktime.update(&tgid, &gk);
-		gated.update(&tgid, &held);
-		bpf_send_signal(AT_SIGSTOP);
-		count(AT_CNT_GATED);
-		flags |= AT_EXEC_GATED;
+		if (gated.update(&tgid, &held)) {
+			/* the gate map is full: a stopped process user space cannot
+			 * find would hang unjudged. An episode's exec is denied
+			 * (killed); outside episodes it runs (a full map must not
+			 * stop the node's own processes). Counted either way. */
+			count(AT_CNT_MAP_FULL);
+			if (scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1)) {
+				bpf_send_signal(AT_SIGKILL);
+				count(AT_CNT_EXEC_KILLED);
+				flags |= AT_EXEC_KILLED;
+			}
+		} else {
+			gk = bpf_ktime_get_ns();
+			gate_ktime.update(&tgid, &gk);
+			bpf_send_signal(AT_SIGSTOP);
+			count(AT_CNT_GATED);
+			flags |= AT_EXEC_GATED;
+		}
 	}
 	/* a record that no verdict waits on may be dropped by the episode's
 	 * rate limit (nodesvc.h); a gated one never is: if it cannot be reserved

@@ -49,6 +49,7 @@ class RunOptions:
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
+    unix_connect_hook: bool = True  # attach the cgroup unix-connect program where the kernel has it
     episode_rate: int = EPISODE_RATE  # per-episode record rate limit in the kernel (records/s; 0: off)
     episode_burst: int = EPISODE_BURST
 
@@ -85,7 +86,8 @@ class Runtime:
         if opts.verdict_dir is not None:
             sinks.append(VerdictSink(opts.verdict_dir))
         sinks.extend(opts.extra_sinks)
-        pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages)
+        pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages,
+                           attach_unix_connect=opts.unix_connect_hook)
         if opts.gpu_prefixes is not None:
             pcfg.gpu_prefixes = opts.gpu_prefixes
         # the engine (policy + actions) is built before the probes so that an
