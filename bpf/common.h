@@ -74,10 +74,20 @@ static __always_inline void fill_hdr(struct event_hdr *h, u32 kind)
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
+/* bpf/nodesvc.h: the per-episode rate limit */
+static __always_inline int episode_slot_now(u32 tgid);
+static __always_inline int episode_rate_ok(int slot);
+
 /* reserve a record and fill its header; counts the loss when the ring
- * buffer is full (loss is never silent) */
+ * buffer is full or the episode is over its rate (loss is never silent).
+ * cgroup_mkdir and gate_race records are never rate limited. */
 static __always_inline void *reserve(u32 size, u32 kind)
 {
+	if (kind != AT_EV_CGROUP_MKDIR && kind != AT_EV_GATE_RACE && cfg(AT_CFG_EPISODE_RATE) &&
+	    !episode_rate_ok(episode_slot_now(bpf_get_current_pid_tgid() >> 32))) {
+		count_lost(kind);
+		return 0;
+	}
 	struct event_hdr *h = events.ringbuf_reserve(size);
 	if (!h) {
 		count_lost(kind);

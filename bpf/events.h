@@ -22,6 +22,7 @@
 #define AT_EPISODE_LEN 64     /* AGENT_EPISODE_ID value */
 #define AT_SOCKADDR_LEN 112   /* enough for sockaddr_un and sockaddr_in6 */
 #define AT_UNIX_PATH_LEN 108
+#define AT_UNIX_KEY_LEN 112   /* sun_path (108) padded to 8 bytes */
 #define AT_MEMFD_NAME_LEN 64
 #define AT_OPEN_PATH_LEN 64
 #define AT_GPU_PREFIX_MAX 8
@@ -50,6 +51,7 @@ enum at_kind {
 				    an episode cgroup before anything runs in it */
 	AT_EV_ESCAPE = 18,    /* a member of an episode was moved to a cgroup outside it
 				 (cgroup_attach_task): it stays a member */
+	AT_EV_UNIX_DENY = 22,  /* the cgroup unix-connect program refused a connect (bpf/nodesvc.h) */
 	AT_EV_CGROUP_RMDIR = 28, /* a cgroup2 directory (level >= 2) was removed: after
 				    every record of the processes that ran in it */
 	AT_EV_KIND_MAX = 29,
@@ -122,8 +124,13 @@ enum at_counter {
 	AT_CNT_EXEC_NO_ARGV = 11, /* in-scope execs without a syscall-entry record */
 	AT_CNT_GPU_OPEN_KILLED = 12, /* episode processes without the GPU right killed
 					at a GPU device open */
+	AT_CNT_RATE_DROPPED = 14, /* records dropped by the per-episode rate limit (bpf/nodesvc.h) */
+	AT_CNT_UNIX_DENIED = 16,  /* unix connects refused by a unix deny rule */
+	AT_CNT_UNIX_UNVERIFIED = 17, /* unix connects refused because the path could not be judged
+					(arguments not seen, relative path, '..') */
 	AT_CNT_MAP_FULL = 22,     /* a kernel map update failed (full): tracked, exec_pending,
-				     gated, sock_pending, thread_clones (docs/scale.md) */
+				     gated, sock_pending, thread_clones (docs/scale.md); an
+				     in-scope exec or connect without its entry is held/denied */
 	AT_CNT_SLOT_STALE = 23,   /* a deny decision for an identity without its own mask
 				     (ended episode's leftover, or not written yet): the
 				     rules of every episode applied */
@@ -157,7 +164,10 @@ enum at_config {
 	/* 17-20: other topics */
 	AT_CFG_GPU_OPEN_KILL = 21, /* bit g: kill an episode process that opens a GPU
 				      device without the GPU right (gpu_right map) */
-	AT_CFG_MAX = 22,
+	AT_CFG_EPISODE_RATE = 25, /* per-episode record rate limit: records/s in the low 32
+				     bits, burst above; 0: off (bpf/nodesvc.h) */
+	AT_CFG_UNIX_DENY = 26,   /* bit g: unix deny rules are loaded in generation g */
+	AT_CFG_MAX = 27,
 };
 
 struct event_hdr {
@@ -317,7 +327,34 @@ struct flow_verdict {
 	__u32 flags;
 };
 
+/* unix_deny_event.flags */
+#define AT_UNIX_WOULD (1u << 0)      /* monitor mode: matched, not refused */
+#define AT_UNIX_NO_ARGS (1u << 1)    /* the connect's arguments were not seen (no syscall-entry
+					stash: io_uring, 32-bit socketcall, map full): refused */
+#define AT_UNIX_RELATIVE (1u << 2)   /* relative path or a '..' component: refused */
+#define AT_UNIX_ABSTRACT (1u << 3)   /* abstract socket (path[0] == 0; shown as '@name') */
+
+/* a unix connect the cgroup unix-connect program refused (or matched in
+ * monitor mode); path is the canonical form it was judged by ('//' and '/./'
+ * squeezed), NUL padded */
+struct unix_deny_event {
+	struct event_hdr h;
+	__u64 rules;      /* mask of unix deny rules that matched */
+	__u32 flags;
+	__u32 pathlen;    /* bytes of path used (abstract names may hold NULs) */
+	__u8 path[AT_UNIX_KEY_LEN];
+};
+
 /* ---- keys of the policy maps (all carry the policy generation) ---- */
+
+/* a unix socket path in the unix_deny LPM trie: an exact path's prefix
+ * covers its terminating NUL, a 'prefix*' entry's only its bytes */
+struct unix_path_key {
+	__u32 prefixlen;  /* 32 (gen) + 8 * bytes */
+	__u32 gen;
+	__u8 path[AT_UNIX_KEY_LEN];
+};
+
 
 struct comm_key {
 	__u32 gen;

@@ -219,7 +219,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	u8 kill = comm_verdict(kill_comms.lookup(&ck));
 	/* scope is decided here, whatever syscall entry produced the exec: a
 	 * 32-bit int 0x80 execve passes no syscalls:* tracepoint, so it has no
-	 * pending record (nor has an exec whose pending entry did not fit) */
+	 * pending record (nor has an exec whose pending entry did not fit); an
+	 * episode member without stashed arguments is still killed, gated and
+	 * reported (argv from /proc) like the others */
 	int cg_slot = cgroup_slot();
 	int scoped = p != 0 || in_scope(tgid);
 	if (cg_slot >= 0 && !tracked.lookup(&tgid)) {
@@ -228,6 +230,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		u32 v = ((u32)cg_slot << 8) | AT_TRACK_CGROUP;
 		tracked.update(&tgid, &v);
 	}
+	u64 gk = 0;
 
 	/* known-bad names: killed here, before the new image runs */
 	if (kill == 2 || (kill == 1 && scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1))) {
@@ -250,30 +253,47 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	} else if (exec_gate(scoped, tgid, &ck)) {
 		u32 held = 1;
 		if (gated.update(&tgid, &held)) {
-			/* gate map full: user space could never continue it, so the
-			 * exec does not run at all (counted; fail closed) */
-			bpf_send_signal(AT_SIGKILL);
+			/* the gate map is full: a stopped process user space cannot
+			 * find would hang unjudged. An episode's exec is denied
+			 * (killed); outside episodes it runs (a full map must not
+			 * stop the node's own processes). Counted either way. */
 			count(AT_CNT_MAP_FULL);
-			flags |= AT_EXEC_KILLED;
+			if (scoped && (AT_SCOPE_ALL ? in_episode(tgid) : 1)) {
+				bpf_send_signal(AT_SIGKILL);
+				count(AT_CNT_EXEC_KILLED);
+				flags |= AT_EXEC_KILLED;
+			}
 		} else {
+			gk = bpf_ktime_get_ns();
+			gate_ktime.update(&tgid, &gk);
 			bpf_send_signal(AT_SIGSTOP);
 			count(AT_CNT_GATED);
 			flags |= AT_EXEC_GATED;
 		}
 	}
+	/* a record that no verdict waits on may be dropped by the episode's
+	 * rate limit (nodesvc.h); a gated one never is: if it cannot be reserved
+	 * the process stays held and user space judges it from /proc */
+	int judged = (flags & (AT_EXEC_KILLED | AT_EXEC_GATED)) != 0;
 	if (!p) {
 		/* no syscall-entry record: in scope (a 32-bit execve, a full
 		 * pending map) it is reported and, when execs are gated, held for
 		 * user space to read argv from /proc; out of scope only when
 		 * killed or gated (scope = "all" rules) */
-		if (!scoped && !(flags & (AT_EXEC_KILLED | AT_EXEC_GATED)))
+		if (!judged && !scoped)
 			return 0;
+		if (!judged && !episode_rate_ok(episode_slot_now(tgid))) {
+			count_lost(AT_EV_EXEC);
+			return 0;
+		}
 		struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 		if (!e) {
 			count_lost(AT_EV_EXEC);
 			return 0;
 		}
 		fill_hdr(&e->h, AT_EV_EXEC);
+		if (gk)
+			e->h.ktime = gk;
 		e->flags = flags;
 		e->argc = 0;
 		e->args_len = 0;
@@ -284,6 +304,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		return 0;
 	}
 
+	if (!judged && !episode_rate_ok(episode_slot_now(tgid))) {
+		count_lost(AT_EV_EXEC);
+		exec_pending.delete(&old);
+		return 0;
+	}
 	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 	if (!e) {
 		count_lost(AT_EV_EXEC);
@@ -292,6 +317,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), p);
 	fill_hdr(&e->h, AT_EV_EXEC);
+	if (gk)
+		e->h.ktime = gk;
 	e->flags = flags;
 	e->old_pid = old;
 	TP_DATA_LOC_READ_STR(e->filename, filename, AT_FILENAME_LEN);
@@ -425,6 +452,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	}
 	tracked.delete(&tgid);
 	gated.delete(&tgid);
+	gate_ktime.delete(&tgid);
 	self_tree.delete(&tgid);
 	gpu_right.delete(&tgid);
 	if (!scoped)

@@ -14,7 +14,7 @@ static __always_inline int stash(u64 uaddr, s32 fd, u32 addrlen, s32 a2, s32 a3)
 	u32 tid = (u32)id;
 	struct sock_args sa = {.uaddr = uaddr, .fd = fd, .addrlen = addrlen, .a2 = a2, .a3 = a3};
 	if (sock_pending.update(&tid, &sa))
-		count(AT_CNT_MAP_FULL); /* the call goes unreported: counted (docs/scale.md) */
+		count(AT_CNT_MAP_FULL);   /* a unix connect without its stash is refused (nodesvc.h) */
 	return 0;
 }
 
@@ -35,6 +35,8 @@ static __always_inline int emit_sock(u32 kind, long ret)
 	struct sock_args *sa = unstash();
 	if (!sa)
 		return 0;
+	if (kind == AT_EV_BIND && ret == 0)
+		unix_bound(sa->uaddr, sa->addrlen);   /* nodesvc.h: the episode owns this path */
 	struct sock_event *e = events.ringbuf_reserve(sizeof(struct sock_event));
 	if (!e) {
 		count_lost(kind);

@@ -46,6 +46,7 @@
  * programs of each topic */
 #include "maps.h"
 #include "common.h"
+#include "nodesvc.h"
 #include "process.h"
 #include "episodes.h"
 #include "sockets.h"

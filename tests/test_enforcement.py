@@ -251,7 +251,8 @@ def test_sigcont_race_is_restopped(live_tracer, episode_id, tmp_path):
 
 def test_gate_timeout_kills(live_tracer, episode_id, tmp_path):
     t = live_tracer(policy=True, policy_dirs=[policy_dir(tmp_path, GATE_SLEEP)], monitor=False,
-                    gate_timeout=0.3, gate_default="kill").start(loop=False)
+                    gate_timeout=0.3, gate_default="kill", gate_proc_grace=0).start(loop=False)
+    # gate_proc_grace=0: no judgement from /proc (tests/test_failclosed_live.py), only the timeout decides
     th, box, pid = _gated_sleep(t, episode_id)
     try:
         eng = t.rt.pipeline.engine

@@ -762,10 +762,12 @@ class TracerProc:
     """`agent-tracer run` as a subprocess logging into a LogReader FIFO."""
 
     def __init__(self, work: Path, policy_dirs: Sequence[Path], scope_all: bool = False,
-                 cpus: str | None = None, profile_out: Path | None = None, extra_args: Sequence[str] = ()):
+                 cpus: str | None = None, profile_out: Path | None = None, extra_args: Sequence[str] = (),
+                 episode_rate: int | None = None):
         self.work, self.policy_dirs, self.scope_all = work, list(policy_dirs), scope_all
         self.extra_args = list(extra_args)
         self.cpus, self.profile_out = cpus, profile_out
+        self.episode_rate = episode_rate  # None: the tracer's default per-episode rate limit
         self.proc: subprocess.Popen | None = None
         self.reader: LogReader | None = None
         self.spawn_to_ready: float | None = None
@@ -785,6 +787,8 @@ class TracerProc:
             cmd += ["--policy-dir", str(d)]
         if self.scope_all:
             cmd.append("--all")
+        if self.episode_rate is not None:
+            cmd += ["--episode-rate", str(self.episode_rate)]
         cmd += self.extra_args
         if self.cpus is not None:
             cmd = ["taskset", "-c", self.cpus] + cmd
@@ -1297,7 +1301,8 @@ class Bench:
             raise BenchError("the throughput ramp pins the tracer and the producer to different CPUs: needs 2")
         secs = self.cfg.p("ramp_step_s")
         with self.live.lock():
-            t = self.tracer(cpus="0")
+            # the drain's capacity, one episode producing: not the per-episode rate limit
+            t = self.tracer(cpus="0", episode_rate=0)
             ep = EpisodeCgroup(self.cleanup, "ramp")
             try:
                 res = ramp(lambda r: self.ramp_step(t, ep, r, secs), start=self.cfg.p("ramp_start"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .limits import EPISODE_BURST, EPISODE_RATE
 from .paths import CONTROL_SOCKET, POLICY_DIR
 
 EXIT_START_FAILED = 3
@@ -99,8 +100,14 @@ def main(verbose: int) -> None:
               help="Seconds an ended episode stays in the live view.")
 @click.option("--slot-start-gen", default=0, type=click.IntRange(0, 2047), hidden=True,
               help="First generation of every episode identity (tests and bench: cross the wrap quickly).")
+@click.option("--episode-rate", default=EPISODE_RATE, show_default=True, type=click.IntRange(0, 1 << 31),
+              help="Records per second one episode may send (a kernel token bucket per episode; "
+                   "excess records are dropped and counted as lost for that episode); 0 turns it off.")
+@click.option("--episode-burst", default=EPISODE_BURST, show_default=True, type=click.IntRange(1, 1 << 31),
+              help="Burst of the per-episode rate limit (records).")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s, slot_start_gen) -> None:
+        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s, slot_start_gen,
+        episode_rate, episode_burst) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -121,7 +128,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
         gpu_interval=gpu_interval, max_episodes=max_episodes, ended_keep=ended_keep, ended_keep_s=ended_keep_s,
-        slot_start_gen=slot_start_gen,
+        slot_start_gen=slot_start_gen, episode_rate=episode_rate, episode_burst=episode_burst,
     )
     rt = Runtime(opts)
     try:

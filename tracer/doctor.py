@@ -15,6 +15,10 @@ TRACEPOINTS = (
     "signal/signal_deliver", "signal/signal_generate", "raw_syscalls/sys_enter",
 )
 FIX_INSTALL = "run scripts/install.sh as root (make install)"
+HOOK_FIX = {
+    "unix_connect": "kernel 6.7+ has the cgroup unix-connect hook; without it unix-socket deny rules "
+                    "(policies/services.toml) only alert, from the connect record, after the connect",
+}
 
 
 @dataclass
@@ -151,6 +155,9 @@ def _selftest() -> list[Check]:
                          wire or "cgroup_skb egress + sock release programs attached at the cgroup2 root (bpf links)",
                          "a kernel with cgroup_skb programs and bpf links (>= 5.9 for sock release): without "
                          "them wire inspection (protocol rules) is off", required=False))
+        for name, res in sorted(ready.get("hooks", {}).items()):
+            out.append(Check(f"hook:{name}", "ok" if res == "ok" else "warn", res,
+                             HOOK_FIX.get(name, "see the detail"), required=False))
         for path, res in sorted(ready.get("selftest", {}).items()):
             out.append(Check(f"enforce:{path}", "ok" if res.startswith("ok") else "fail", res,
                              "see the detail; enforcement on this path is not claimed"))

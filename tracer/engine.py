@@ -34,6 +34,7 @@ CANARY_ADDR = "127.255.255.254"
 CANARY_PORT = 9
 CANARY_KILL = "at-canary-kill"
 CANARY_GATE = "at-canary-gate"
+CANARY_UNIX = "/run/agent-tracer-canary-unix.sock"  # never exists: the hook refuses before the lookup
 COMM_MAX = 15
 
 
@@ -153,6 +154,9 @@ def build_kernel_maps(plan: Any, slots: dict[int, str], canary: bool = False, mo
         km.gate_comms[CANARY_GATE] = 1
     km.deny4, km.deny6 = _closure(deny4), _closure(deny6)
     km.exc4, km.exc6 = _closure(exc4), _closure(exc6)
+    from .nodesvc import unix_deny_entries
+
+    km.unix_deny = unix_deny_entries(getattr(plan, "unix_deny", ()), canary=CANARY_UNIX if canary else None)
     return km
 
 
@@ -264,7 +268,8 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
 
 
 class Engine:
-    def __init__(self, policy, policy_paths: list[Path], monitor: bool, gate_timeout: float, gate_default: str):
+    def __init__(self, policy, policy_paths: list[Path], monitor: bool, gate_timeout: float, gate_default: str,
+                 gate_proc_grace: float = 0.5):
         self.policy = policy
         self.policy_paths = policy_paths
         self.monitor = monitor
@@ -288,15 +293,20 @@ class Engine:
         self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
         self.reloads = 0
         self.reload_failures = 0
+        from .nodesvc import ProcJudge
         from .policy import Holds
 
         self.holds = Holds()
+        # gated processes whose exec record did not come: judged from /proc
+        # (gate_proc_grace 0: off, only the gate timeout decides)
+        self.proc_judge = ProcJudge(grace_s=min(gate_proc_grace, gate_timeout / 4)) if gate_proc_grace > 0 else None
 
     @classmethod
     def from_options(cls, opts) -> "Engine":
         paths = [Path(p) for p in opts.policy_dirs]
         policy = load_policy_or_raise(paths)
-        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default)
+        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default,
+                   getattr(opts, "gate_proc_grace", 0.5))
 
     @property
     def policy_version(self) -> str:
@@ -337,6 +347,10 @@ class Engine:
         t = rec.get("type")
         if t == "deny":
             return self._kernel_denied(rec)
+        if t == "unix_deny":
+            return self._unix_denied(rec)
+        if t == "exec" and rec.get("gated") and self.proc_judge and self.proc_judge.already_judged(rec):
+            return []  # judged from /proc while its record was late
         if t == "gate_race":
             self.gate_races += 1
             return []
@@ -370,6 +384,8 @@ class Engine:
             action = getattr(v.action, "value", v.action)
             if t == "connect" and action == "deny" and not self.monitor and rec.get("result") == -errno.EPERM:
                 continue  # the kernel denied it; the deny record carries the alert
+            if t == "connect" and action == "deny" and rec.get("family") == "unix" and self._unix_hook():
+                continue  # the unix-connect program judged it (a socket the episode bound itself is allowed)
             # a protocol `deny` is the flow dropped in the kernel (tracer.flows)
             already = ((t in ("exec", "gpu_open") and bool(rec.get("killed_in_kernel")))
                        or (t == "protocol" and action == "deny"))
@@ -442,6 +458,35 @@ class Engine:
                 out.append(make_alert(rec, v, o, self.policy.version))
         return out
 
+    def _unix_hook(self) -> bool:
+        return bool(getattr(self.probes, "unix_connect", False))
+
+    def _unix_denied(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        from .nodesvc import unix_deny_rules
+
+        mask = rec.get("rules_mask", 0)
+        if mask & (1 << CANARY_BIT):
+            return []
+        from .nodesvc import reached_nothing
+
+        if reached_nothing(rec):
+            return []  # no such socket: a client probing for a server it then starts itself (tmux new)
+        p = self.tracker.table.get(rec.get("pid")) if self.tracker else None
+        if p is not None:
+            rec.setdefault("argv", p.argv)
+        out = []
+        for name in unix_deny_rules(self.policy.kernel_plan(), mask, rec.get("unverified")):
+            matched = {"path": rec.get("path")}
+            if rec.get("unverified"):
+                matched["unverified"] = rec["unverified"]
+            v = self._rule_verdict(name, matched)
+            o = self.enforcer.apply("deny", rec, already=True)
+            if o.enforced:
+                o.detail = ("unix connect refused in kernel: " + rec["unverified"]) if rec.get("unverified") \
+                    else "unix connect refused in kernel"
+            out.append(make_alert(rec, v, o, self.policy.version))
+        return out
+
     def _rule_verdict(self, name: str, matched: dict[str, Any]):
         from .policy import Verdict
 
@@ -462,6 +507,9 @@ class Engine:
             if pid in self.canary_pids:
                 continue
             first = self._gate_seen.setdefault(pid, now_mono)
+            if self.proc_judge and now_mono - first >= self.proc_judge.grace_s and self.pipeline is not None and \
+                    self.proc_judge.judge(pid, self.probes, self.pipeline):
+                continue  # judged from /proc: continued or killed by the rules, like its record would have been
             if now_mono - first < self.gate_timeout:
                 continue
             self.gate_timeouts += 1
@@ -550,6 +598,7 @@ class Engine:
                 res["connect_deny"] = self._canary_connect(cg)
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
+                res["unix_connect_deny"] = self._canary_unix(cg)
             from .flows import canary_wire
 
             res["wire_hold"] = canary_wire(self.probes, self._in_cgroup(cg))
@@ -611,6 +660,41 @@ class Engine:
             return "ok"
         return f"failed: canary connect returned errno {rc}, expected EPERM"
 
+    def _canary_unix(self, cg: Path) -> str:
+        """A forked child in the canary cgroup connects to the canary unix
+        path. It never exists, so without the hook the connect fails with
+        ENOENT; the hook refuses it before the lookup with ECONNREFUSED
+        (bpf_set_retval), which proves the unix-connect deny path."""
+        if not self._unix_hook():
+            return "failed: " + getattr(self.probes, "hooks", {}).get("unix_connect", "absent")
+        enter = self._in_cgroup(cg)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 99
+            try:
+                enter()
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(CANARY_UNIX)
+                code = 0
+            except OSError as e:
+                code = e.errno or 99
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "failed: canary unix connect did not return within 10 s"
+            time.sleep(0.002)
+        rc = os.waitstatus_to_exitcode(status)
+        if rc == errno.ECONNREFUSED:
+            return "ok"
+        return f"failed: canary unix connect returned errno {rc}, expected ECONNREFUSED (refused by the hook)"
+
     def _canary_exec(self, cg: Path, tmp: Path, name: str, expect: str) -> str:
         link = tmp / name
         if not link.exists():
@@ -657,7 +741,8 @@ class Engine:
                 pass
 
     def stats(self) -> dict[str, Any]:
-        return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races, "reloads": self.reloads,
+        return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races,
+                "gates_judged_from_proc": self.proc_judge.judged if self.proc_judge else 0, "reloads": self.reloads,
                 "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
                 **(self.flows.stats() if self.flows is not None else {})}
 

@@ -32,6 +32,7 @@ from .slots import DEFAULT_MAX_EPISODES, SlotsExhausted, SlotTable
 
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
+     "unix_deny",
      "protocol", "escape"}
 )
 

@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     PROTOCOL = 12  # first bytes of a new outbound TCP flow (wire_event, decoded as a wire_report)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
     ESCAPE = 18  # an episode member was moved to a cgroup outside its episode (escape_event)
+    UNIX_DENY = 22  # the cgroup unix-connect program refused a connect (unix_deny_event)
     CGROUP_RMDIR = 28  # ... was removed, after every record of what ran in it (cgroup_event)
 
     @property
@@ -90,6 +91,9 @@ class Counter(enum.IntEnum):
     ESCAPES = 10
     EXEC_NO_ARGV = 11
     GPU_OPEN_KILLED = 12
+    RATE_DROPPED = 14  # records dropped by the per-episode rate limit
+    UNIX_DENIED = 16  # unix connects refused by a unix deny rule
+    UNIX_UNVERIFIED = 17  # unix connects refused: path not judgeable (no args, relative, '..')
     MAP_FULL = 22
     SLOT_STALE = 23
 
@@ -116,9 +120,11 @@ class Config(enum.IntEnum):
     WIRE_HOLD = 15
     MONITOR = 16
     GPU_OPEN_KILL = 21
+    EPISODE_RATE = 25  # per-episode record rate: records/s | burst << 32; 0 off
+    UNIX_DENY = 26  # bit g: unix deny rules loaded in generation g
 
 
-CONFIG_MAX = 22
+CONFIG_MAX = 27
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
@@ -138,6 +144,14 @@ GPU_PREFIX_MAX = 8
 WIRE_CAP = 4096
 WIRE_HEAD = 96  # offsetof(struct wire_event, data)
 CGROUP_PATH_LEN = 256
+UNIX_PATH_LEN = 108
+UNIX_KEY_LEN = 112
+
+# unix_deny_event.flags (bpf/events.h)
+UNIX_WOULD = 1 << 0
+UNIX_NO_ARGS = 1 << 1
+UNIX_RELATIVE = 1 << 2
+UNIX_ABSTRACT = 1 << 3
 
 # wire_event.flags, flow_verdict.flags
 WIRE_HELD = 1 << 0
@@ -249,6 +263,10 @@ LAYOUTS: dict[Kind, Layout] = {
         HDR_FIELDS + (("dst_id", "Q"), ("target", "I"), ("slot", "I"), ("flags", "I"), ("dst_level", "i"),
                       ("dst_path", f"{CGROUP_PATH_LEN}s")),
     ),
+    Kind.UNIX_DENY: Layout(
+        "unix_deny_event",
+        HDR_FIELDS + (("rules", "Q"), ("flags", "I"), ("pathlen", "I"), ("path", f"{UNIX_KEY_LEN}s")),
+    ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
 LAYOUTS[Kind.CGROUP_RMDIR] = LAYOUTS[Kind.CGROUP_MKDIR]
@@ -259,6 +277,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "lpm4_key": Layout("lpm4_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "4s"))),
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
     "flow_verdict": Layout("flow_verdict", (("upto", "I"), ("flags", "I"))),
+    "unix_path_key": Layout("unix_path_key", (("prefixlen", "I"), ("gen", "I"), ("path", f"{UNIX_KEY_LEN}s"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
     ),
@@ -452,6 +471,24 @@ def _escape(v: tuple) -> dict[str, Any]:
             "by_other": bool(f & ESC_BY_OTHER), "untracked": bool(f & ESC_UNTRACKED)}
 
 
+def unix_path_text(raw: bytes, abstract: bool) -> str:
+    """A sun_path as the policy writes it: abstract names as '@name'."""
+    if abstract:
+        return "@" + raw[1:].rstrip(b"\0").decode("utf-8", "replace")
+    return cstr(raw)
+
+
+def _unix_deny(v: tuple) -> dict[str, Any]:
+    flags, used = v[8], v[9]
+    raw = v[10][:used]
+    reason = ("arguments not seen" if flags & UNIX_NO_ARGS else
+              "relative path or '..'" if flags & UNIX_RELATIVE else None)
+    return {"type": "unix_deny", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "rules_mask": v[7], "family": "unix", "call": "connect",
+            "path": unix_path_text(raw, bool(flags & UNIX_ABSTRACT)) if not flags & UNIX_NO_ARGS else None,
+            "unverified": reason, "would": bool(flags & UNIX_WOULD)}
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -468,6 +505,7 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
     Kind.CGROUP_RMDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_rmdir),
     Kind.ESCAPE: (_STRUCTS[Kind.ESCAPE], _escape),
+    Kind.UNIX_DENY: (_STRUCTS[Kind.UNIX_DENY], _unix_deny),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from . import events
 from .cgroups import cgroup2_mount, cgroup_id
-from .events import Config, Counter, Kind
+from .events import SLOT_INDEX_MASK, Config, Counter, Kind
 from .paths import BPF_DIR
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ WIRE_PROGS = {
     "at_wire_release": ("CGROUP_SOCK", "CGROUP_INET_SOCK_RELEASE"),
 }
 BPF_F_ALLOW_MULTI = 2
+# enum bpf_attach_type BPF_CGROUP_UNIX_CONNECT (kernel 6.7+); bcc 0.26 has no
+# name for it, the kernel takes the number
+UNIX_CONNECT_ATTACH = 49
+UNIX_CONNECT_PROG = "at_connect_unix"
+DRAIN_BUDGET = 4096  # records handled per ring-buffer poll before the loop's other work runs
 DEFAULT_GPU_PREFIXES = ("/dev/nvidia", "/dev/dri/", "/dev/kfd")
 EPISODE_DIR = "agent-tracer"
 
@@ -85,6 +90,8 @@ class ProbeConfig:
     env_marker: bool = True
     gpu_prefixes: tuple[str, ...] = DEFAULT_GPU_PREFIXES
     attach_sock_addr: bool = True
+    attach_unix_connect: bool = True  # the cgroup unix-connect program (bpf/nodesvc.h), where the kernel has it
+    drain_budget: int = DRAIN_BUDGET  # records per poll (0: no bound)
     extra_cflags: list[str] = field(default_factory=list)
 
 
@@ -170,6 +177,9 @@ class Probes:
         self.wire_attached: list[str] = []
         self.wire_error: str | None = None
         self._wire_links: list[int] = []
+        # which optional kernel hooks this kernel has: name -> "ok" | "absent: why"
+        self.hooks: dict[str, str] = {}
+        self._unix_attached = False
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
@@ -177,25 +187,38 @@ class Probes:
         self.bpf["self_tree"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
         for i, prefix in enumerate(cfg.gpu_prefixes[: events.GPU_PREFIX_MAX]):
             self._set_gpu_prefix(i, prefix)
-        self._rb_cb = self._make_callback(on_record)
+        self.drained = 0  # records handled by the last poll/consume
+        self._rb_cb = self._make_callback(on_record, cfg.drain_budget)
         self._open_ring_buffer(self.bpf["events"], self._rb_cb)
         if cfg.attach_sock_addr:
             self._attach_sock_addr(BPFAttachType)
+            self._attach_unix_connect()
+        else:
+            self.hooks["unix_connect"] = "absent: sock_addr programs not attached"
         self.attach_s = time.monotonic() - t0
 
     # ---------------------------------------------------------------- setup
-    @staticmethod
-    def _make_callback(on_record: Callable[[memoryview], None]):
+    def _make_callback(self, on_record: Callable[[memoryview], None], budget: int = 0):
         """The ring-buffer callback: on_record gets a memoryview of the
         record in the ring buffer itself (no copy). It is valid only during
-        the call: decode copies what it keeps."""
+        the call: decode copies what it keeps.
+
+        budget > 0 bounds one poll: after that many records the callback
+        returns -1, which makes libbpf stop (the record is consumed) and the
+        poll return, so the loop's gate, GPU, relay and stats work runs
+        between batches however fast records come; the rest stays in the
+        ring buffer (epoll is level-triggered: the next poll returns at once)."""
         arrays: dict[int, type] = {}  # c_char * size, per record size (a few kinds)
+        probes = self
 
         def cb(_ctx, data, size):
             t = arrays.get(size)
             if t is None:
                 t = arrays[size] = ctypes.c_char * size
             on_record(memoryview(t.from_address(data)))
+            n = probes.drained = probes.drained + 1
+            if budget and n >= budget:
+                return -1
             return 0
 
         return cb
@@ -254,6 +277,31 @@ class Probes:
         self._wire_links.clear()
         self.wire_attached.clear()
 
+    def _attach_unix_connect(self) -> None:
+        """The cgroup unix-connect program (BPF_CGROUP_UNIX_CONNECT, kernel
+        6.7+), attached by number. Where the kernel lacks it the tracer runs
+        without it: unix deny rules then only alert (from the connect
+        record), and `hooks` / `doctor` say so."""
+        if not self.cfg.attach_unix_connect:
+            self.hooks["unix_connect"] = "absent: turned off (ProbeConfig.attach_unix_connect)"
+            return
+        BPF = self._BPF
+        try:
+            fn = self.bpf.load_func(UNIX_CONNECT_PROG, BPF.CGROUP_SOCK_ADDR, attach_type=UNIX_CONNECT_ATTACH)
+            BPF.attach_func(fn, self._cg_root_fd, UNIX_CONNECT_ATTACH, BPF_F_ALLOW_MULTI)
+        except Exception as e:  # an older kernel: EINVAL on load or attach
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            self.hooks["unix_connect"] = f"absent: {why} (kernel {os.uname().release}; needs 6.7+)"
+            log.warning("cgroup unix-connect hook unavailable: %s; unix deny rules only alert", e)
+            return
+        self._sock_attached.append((fn, self._cg_root_fd, UNIX_CONNECT_ATTACH))
+        self._unix_attached = True
+        self.hooks["unix_connect"] = "ok"
+
+    @property
+    def unix_connect(self) -> bool:
+        return self._unix_attached
+
     def _detach_sock_addr(self) -> None:
         BPF = self._BPF
         for fn, fd, at in reversed(self._sock_attached):
@@ -270,6 +318,8 @@ class Probes:
     def attached_programs(self) -> list[str]:
         tps = [f"tracepoint:{k}" for k in sorted(self._tracepoints())]
         socks = [f"cgroup:{n}" for n in SOCK_ADDR_PROGS if self._sock_attached]
+        if self._unix_attached:
+            socks.append(f"cgroup:{UNIX_CONNECT_PROG}")
         return tps + socks + [f"cgroup:{n}" for n in self.wire_attached]
 
     def _tracepoints(self) -> list[str]:
@@ -288,11 +338,21 @@ class Probes:
             log.warning("bcc cleanup: %s", e)
 
     # ----------------------------------------------------------------- drain
-    def poll(self, timeout_ms: int = 100) -> None:
+    def poll(self, timeout_ms: int = 100) -> int:
+        """Handle at most drain_budget records (waiting up to timeout_ms for
+        the first); returns how many were handled."""
+        self.drained = 0
         self.bpf.ring_buffer_poll(timeout_ms)
+        return self.drained
 
     def consume(self) -> None:
-        self.bpf.ring_buffer_consume()
+        """Everything in the ring buffer now, batch after batch."""
+        budget = self.cfg.drain_budget
+        while True:
+            self.drained = 0
+            self.bpf.ring_buffer_consume()
+            if not budget or self.drained < budget:
+                return
 
     # ------------------------------------------------------------------ maps
     def _u64(self, v: int):
@@ -390,6 +450,48 @@ class Probes:
 
     def gpu_rights(self) -> set[int]:
         return {k.value for k in self.bpf["gpu_right"].keys()}
+    # per-episode rate limit and loss (bpf/nodesvc.h)
+    def set_episode_rate(self, rate: int, burst: int) -> None:
+        """Records per second and burst per episode; rate 0 turns it off."""
+        if rate <= 0:
+            self._set_cfg(Config.EPISODE_RATE, 0)
+            return
+        rate, burst = min(int(rate), 0xFFFFFFFF), min(max(int(burst), 1), 0xFFFFFFFF)
+        self._set_cfg(Config.EPISODE_RATE, rate | (burst << 32))
+
+    def episode_lost(self, slot: int) -> int:
+        """Records of episode slot `slot` dropped by the rate limit."""
+        return int(self.bpf["ep_lost"][ctypes.c_int(slot & SLOT_INDEX_MASK)].value)
+
+    def reset_episode_slot(self, slot: int) -> None:
+        """A slot given to a new episode starts with an empty loss count and
+        a full bucket."""
+        self.bpf["ep_lost"][ctypes.c_int(slot & SLOT_INDEX_MASK)] = ctypes.c_ulonglong(0)
+        t = self.bpf["ep_rate"]
+        t[ctypes.c_int(slot & SLOT_INDEX_MASK)] = t.Leaf()
+
+    def forget_owned_unix(self, owners: Iterable[int]) -> int:
+        """Drop the unix socket paths an ended episode bound (owner ids:
+        its cgroup ids, 1<<63 | slot)."""
+        owners = set(owners)
+        t = self.bpf["unix_owned"]
+        gone = [k for k, v in t.items() if v.value in owners]
+        for k in gone:
+            try:
+                del t[k]
+            except KeyError:
+                pass
+        return len(gone)
+
+    def owned_unix_paths(self) -> dict[str, int]:
+        return {bytes(k.path).rstrip(b"\0").decode("utf-8", "replace"): v.value
+                for k, v in self.bpf["unix_owned"].items()}
+
+    def gate_ktime(self, pid: int) -> int | None:
+        try:
+            return int(self.bpf["gate_ktime"][ctypes.c_uint(pid)].value)
+        except KeyError:
+            return None
 
     # exec gate
     def gated(self) -> dict[int, int]:
@@ -479,6 +581,9 @@ class Probes:
             t = self.bpf[name]
             for k in [k for k in t.keys() if k.gen == gen]:
                 del t[k]
+        t = self.bpf["unix_deny"]
+        for k in [k for k in t.keys() if k.gen == gen]:
+            del t[k]
         for name in ("deny_port", "exc_port"):
             t = self.bpf[name]
             for k in [k for k in t.keys() if (k.value >> 16) == gen]:
@@ -486,7 +591,8 @@ class Probes:
         t = self.bpf["slot_mask"]
         for k in [k for k in t.keys() if (k.value >> 24) == gen]:
             del t[k]
-        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD, Config.GPU_OPEN_KILL):
+        for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD, Config.GPU_OPEN_KILL,
+                     Config.UNIX_DENY):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
             self._set_cfg(Config(base + gen), 0)
@@ -520,6 +626,16 @@ class Probes:
             t = self.bpf[name]
             for port, mask in entries.items():
                 t[ctypes.c_uint((gen << 16) | port)] = ctypes.c_ulonglong(mask)
+        t = self.bpf["unix_deny"]
+        for (path, prefix), mask in plan.unix_deny.items():
+            k = t.Key()
+            raw = path[: events.UNIX_KEY_LEN]
+            k.prefixlen = 32 + 8 * (len(raw) + (0 if prefix or len(raw) == events.UNIX_KEY_LEN else 1))
+            k.gen = gen
+            ctypes.memmove(ctypes.addressof(k.path), raw, len(raw))
+            t[k] = ctypes.c_ulonglong(mask)
+        if plan.unix_deny:
+            self._set_cfg(Config.UNIX_DENY, self.get_cfg(Config.UNIX_DENY) | (1 << gen))
         t = self.bpf["slot_mask"]
         for slot, mask in plan.slot_masks.items():
             t[ctypes.c_uint(slot_key(gen, slot))] = ctypes.c_ulonglong(mask)
@@ -579,6 +695,9 @@ class KernelMaps:
     ports: dict[int, int] = field(default_factory=dict)
     exc_ports: dict[int, int] = field(default_factory=dict)
     slot_masks: dict[int, int] = field(default_factory=dict)
+    # unix deny (bpf/nodesvc.h): (canonical path bytes, is a prefix) -> rule
+    # mask, each entry already holding the bits of the prefixes containing it
+    unix_deny: dict[tuple[bytes, bool], int] = field(default_factory=dict)
     global_mask: int = 0
     anyport_mask: int = 0
     tcp_mask: int = 0

@@ -21,6 +21,7 @@ from .events import TRACK_CGROUP, TRACK_ENV, TRACK_ESCAPED, TRACK_LINEAGE
 from .paths import CONTROL_SOCKET, RUN_DIR
 from .pipeline import Pipeline, Sink
 from .probes import ProbeConfig, Probes
+from .nodesvc import EPISODE_BURST, EPISODE_RATE, EpisodeLoss
 from .sinks import JsonlSink, VerdictSink
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RunOptions:
     policy: bool = True
     gate_timeout: float = 2.0
     gate_default: str = "kill"
+    gate_proc_grace: float = 0.5  # a held exec whose record has not come after this long is judged from /proc (0: off)
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     wire_timeout: float = 3.0  # seconds an undecided episode flow may stay held before it is denied
@@ -56,6 +58,9 @@ class RunOptions:
     slot_start_gen: int = 0
     ended_keep: int = 200
     ended_keep_s: float = 600.0
+    unix_connect_hook: bool = True  # attach the cgroup unix-connect program where the kernel has it
+    episode_rate: int = EPISODE_RATE  # per-episode record rate limit in the kernel (records/s; 0: off)
+    episode_burst: int = EPISODE_BURST
 
 
 class Runtime:
@@ -81,6 +86,7 @@ class Runtime:
         self.flows: Any = None  # tracer.flows.FlowInspector (wire verdicts, held-flow timeouts)
         self._last_relay = 0.0
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
+        self.episode_loss = EpisodeLoss()
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -91,13 +97,15 @@ class Runtime:
         if opts.verdict_dir is not None:
             sinks.append(VerdictSink(opts.verdict_dir))
         sinks.extend(opts.extra_sinks)
-        pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages)
+        pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages,
+                           attach_unix_connect=opts.unix_connect_hook)
         if opts.gpu_prefixes is not None:
             pcfg.gpu_prefixes = opts.gpu_prefixes
         # the engine (policy + actions) is built before the probes so that an
         # invalid policy refuses to start before anything is attached
         engine = self._make_engine()
         self.probes = Probes(pcfg, self._on_raw)
+        self.probes.set_episode_rate(opts.episode_rate, opts.episode_burst)
         self.tracker = Tracker(self.probes.episode_root, live=True, max_episodes=opts.max_episodes,
                                slot_start_gen=opts.slot_start_gen)
         self.tracker.slots.on_wrap = self.probes.untrack_slot_index
@@ -127,6 +135,7 @@ class Runtime:
             "scope": "all" if opts.scope_all else "episodes",
             "mode": "monitor" if opts.monitor else "enforce",
             "programs": self.probes.attached_programs(),
+            "hooks": dict(self.probes.hooks),
             "policy_version": engine.policy_version if engine is not None else None,
             "selftest": selftest,
             "compile_s": round(self.probes.compile_s, 3),
@@ -196,6 +205,7 @@ class Runtime:
         if t == "episode_start":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
+                self.episode_loss.started(self.probes, e)
                 # the identity's mask before the cgroups that name it
                 if self.engine_slot_hook:
                     self.engine_slot_hook(e)
@@ -208,6 +218,7 @@ class Runtime:
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
+                self.episode_loss.ended(self.probes, e)
                 for cg in e.cgroup_ids:
                     self.probes.remove_episode_cgroup(cg)
                 self.probes.clear_slot_mask(e.slot)
@@ -317,6 +328,8 @@ class Runtime:
                 pl.emit({"type": "lost", "ts": wall, "episode": None, "kind": kind,
                          "count": total - seen, "total": total})
                 self._lost_seen[kind] = total
+        for r in self.episode_loss.records(self.probes, list(self.tracker.episodes.values()), wall):
+            pl.emit(r)
         for r in self.tracker.scan_cgroups(wall):
             pl.emit(r)
         if pl.engine is not None:

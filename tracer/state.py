@@ -392,6 +392,8 @@ class State:
         }
 
     def _on_lost(self, rec: dict[str, Any], ts: float) -> None:
+        if rec.get("episode"):
+            return  # per-episode detail (kind episode_rate) of losses the per-kind records already count
         kind = str(rec.get("kind") or "unknown")
         total = rec.get("total")
         if isinstance(total, int) and not isinstance(total, bool):

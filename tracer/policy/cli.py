@@ -34,6 +34,10 @@ def format_plan(plan: KernelPlan) -> list[str]:
         ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in d.ports) or "any port"
         protos = "/".join(sorted(d.protocols)) or "tcp/udp"
         lines.append(f"    [{d.index}] {d.name}: {protos} to {cidrs} port {ports} ({where})")
+    lines.append(f"  unix connect deny rules: {len(plan.unix_deny)}")
+    for u in plan.unix_deny:
+        shown = list(u.paths) + [f"{p}*" for p in u.prefixes]
+        lines.append(f"    [{u.index}] {u.name}: {', '.join(shown)} (episodes; not sockets the episode bound)")
     return lines
 
 

@@ -51,6 +51,21 @@ class DenyRule:
 
 
 @dataclass(frozen=True)
+class UnixDenyRule:
+    """One unix-socket connect deny rule for the cgroup unix-connect program
+    (bpf/nodesvc.h): an episode's connect() to a unix socket whose path is
+    one of `paths` (exact; `@name` is an abstract socket) or starts with one
+    of `prefixes` (written `prefix*` in the policy) is refused with EPERM,
+    unless the episode bound that path itself (a tmux server it started).
+    Applies to every episode; up to 63 rules (bit = index)."""
+
+    name: str
+    index: int
+    paths: tuple[str, ...]
+    prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     """In-kernel enforcement compiled from the policy.
 
@@ -74,6 +89,8 @@ class KernelPlan:
         device (any path under the GPU prefixes) is killed in the kernel at
         the open; every exec of an episode process is gated then, so that
         an exec that keeps the right gets it back before the image runs.
+    unix_deny: unix-socket connect deny rules (`family = "unix"` with a
+        `path`), at most 63, their own index space.
 
     How the exec tracepoint uses it:
         episode process: SIGKILL if comm in kill_comms; else SIGSTOP (gate)
@@ -94,6 +111,7 @@ class KernelPlan:
     gate_all_global: bool = False
     deny: tuple[DenyRule, ...] = ()
     gpu_open_kill: bool = False
+    unix_deny: tuple[UnixDenyRule, ...] = ()
 
 
 def comm_of(name: str) -> tuple[str, bool]:
@@ -134,12 +152,16 @@ def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
     gate_global = False
     deny: list[DenyRule] = []
     gpu_open_kill = False
+    unix: list[UnixDenyRule] = []
     for rule in rules:
         if not rule.enabled or not rule.action.enforces:
             continue
         everywhere = rule.scope is Scope.ALL
         if rule.on is Kind.CONNECT and rule.action is Action.DENY:
-            deny.append(deny_rule(rule, len(deny)))
+            if is_unix_deny(rule.match):
+                unix.append(unix_deny_rule(rule, len(unix)))
+            else:
+                deny.append(deny_rule(rule, len(deny)))
             continue
         if rule.on is Kind.GPU_OPEN and rule.action is Action.DENY:
             gpu_open_kill = True
@@ -167,6 +189,8 @@ def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
                     gate_all_names.add(comm)
     if len(deny) > MAX_DENY_RULES:
         raise ValueError(f"{len(deny)} connect deny rules; the kernel holds {MAX_DENY_RULES}")
+    if len(unix) > MAX_DENY_RULES:
+        raise ValueError(f"{len(unix)} unix connect deny rules; the kernel holds {MAX_DENY_RULES}")
     return KernelPlan(
         kill_comms=frozenset(kill),
         kill_comms_all=frozenset(kill_all),
@@ -176,7 +200,72 @@ def compile_plan(rules: Iterable[Rule]) -> KernelPlan:
         gate_all_global=gate_global,
         deny=tuple(deny),
         gpu_open_kill=gpu_open_kill,
+        unix_deny=tuple(unix),
     )
+
+
+# ---------------------------------------------------------------- unix deny
+
+
+def is_unix_deny(match: Sequence[Cond]) -> bool:
+    """A connect deny rule for unix sockets: its family condition is unix only."""
+    for cond in match:
+        if isinstance(cond, EnumCond) and cond.field == "family":
+            return set(cond.values) == {"unix"}
+    return False
+
+
+def _path_pattern(glob: str) -> tuple[str, bool] | None:
+    """(text, is_prefix) of a path glob the kernel can match: no wildcard
+    (exact) or a single trailing '*' (prefix); None otherwise."""
+    body = glob[:-1] if glob.endswith("*") else glob
+    if any(c in body for c in "*?["):
+        return None
+    return body, glob.endswith("*")
+
+
+def unix_deny_rule(rule: Rule, index: int) -> UnixDenyRule:
+    paths: list[str] = []
+    prefixes: list[str] = []
+    for cond in rule.match:
+        if isinstance(cond, StrCond) and cond.field == "path":
+            paths.extend(sorted(cond.exact or ()))
+            for g in cond.globs:
+                got = _path_pattern(g)
+                if got is not None:
+                    (prefixes if got[1] else paths).append(got[0])
+    return UnixDenyRule(rule.name, index, tuple(dict.fromkeys(paths)), tuple(dict.fromkeys(prefixes)))
+
+
+def _unix_problems(match: Sequence[Cond], excepts: Sequence[Sequence[Cond]], scope: Scope) -> list["DenyProblem"]:
+    out: list[DenyProblem] = []
+    if scope is Scope.ALL:
+        out.append(DenyProblem(None, None, 'a unix deny applies to episodes only; use scope = "episodes"'))
+    path = None
+    for cond in match:
+        if cond.field == "family":
+            continue
+        if cond.field != "path" or not isinstance(cond, StrCond):
+            out.append(DenyProblem(None, cond, f"a unix deny rule is enforced by the cgroup unix-connect program, "
+                                               f"which can test only 'path'; cannot evaluate '{cond.field}'"))
+            continue
+        path = cond
+        if cond.regexes:
+            out.append(DenyProblem(None, cond, "the kernel matches unix paths exactly or by prefix ('prefix*'); no regex"))
+        if cond.exact is not None and cond.globs:
+            out.append(DenyProblem(None, cond, "give the paths either as exact values or as globs, not both"))
+        for g in cond.globs:
+            if _path_pattern(g) is None:
+                out.append(DenyProblem(None, cond, f"path glob '{g}': the kernel matches unix paths exactly or by "
+                                                   f"prefix; only a single trailing '*' is allowed"))
+        for v in list(cond.exact or ()) + list(cond.globs):
+            if len(v.rstrip("*").encode()) > 107:
+                out.append(DenyProblem(None, cond, f"path '{v}' is longer than a unix socket path (107 bytes)"))
+    if path is None:
+        out.append(DenyProblem(None, None, "a unix deny rule needs a 'path' condition (exact paths or 'prefix*')"))
+    for i, _group in enumerate(excepts):
+        out.append(DenyProblem(i, None, "a unix deny rule takes no except: shrink its path list with an override"))
+    return out
 
 
 def _glob_escape(text: str) -> str:
@@ -269,6 +358,8 @@ def deny_problems(
         return []
     if on is Kind.GPU_OPEN:
         return _gpu_deny_problems(match, excepts, scope)
+    if is_unix_deny(match):
+        return _unix_problems(match, excepts, scope)
     out: list[DenyProblem] = []
     seen: set[str] = set()
     for cond in match:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .conditions import ALL_FIELDS, FIELDS, Cond, compile_field, kinds_with, list_ref, tname
-from .kernel import MAX_DENY_RULES, deny_problems
+from .kernel import MAX_DENY_RULES, deny_problems, is_unix_deny
 from .model import Action, Diagnostic, Kind, Level, Rule, Scope, Severity, enum_values
 from .policy import LoadResult, Policy
 from .version import policy_version
@@ -764,7 +764,7 @@ class Loader:
                     loc, key = entry.loc, (p.cond.path if p.cond is not None else entry.path)
                 via = f" (from macro '{p.cond.via}')" if p.cond is not None and p.cond.via else ""
                 self.error(loc, key, p.message + via + why)
-            if build.on is Kind.CONNECT and build.enabled:
+            if build.on is Kind.CONNECT and build.enabled and not is_unix_deny(build.match):
                 count += 1
                 if count == MAX_DENY_RULES + 1:
                     self.error(
