@@ -44,5 +44,7 @@
 #include "process.h"
 #include "sockets.h"
 #include "gpu.h"
+#include "egress.h"
+#include "udp.h"
 #include "deny.h"
 #include "wire.h"

@@ -248,15 +248,19 @@ class Engine:
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
         self.reload_failures = 0
+        from .egress_ctl import EgressControl
         from .policy import Holds
 
         self.holds = Holds()
+        self.egress = EgressControl(self)  # egress mode, DNS stub, datagrams (tracer/egress_ctl.py)
 
     @classmethod
     def from_options(cls, opts) -> "Engine":
         paths = [Path(p) for p in opts.policy_dirs]
         policy = load_policy_or_raise(paths)
-        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default)
+        eng = cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default)
+        eng.egress.configure(getattr(opts, "dns_upstreams", None), getattr(opts, "dns_ttl_grace", None))
+        return eng
 
     @property
     def policy_version(self) -> str:
@@ -272,6 +276,7 @@ class Engine:
             release_gated=probes.release_gated,
         )
         self.ctx = make_context(tracker)
+        self.egress.attach(probes, tracker)
 
     def _slots(self) -> dict[int, str]:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
@@ -279,6 +284,7 @@ class Engine:
     def load_kernel(self, canary: bool = False) -> None:
         km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary, monitor=self.monitor)
         km.wire_hold = not self.monitor and wire_hold(self.policy)
+        km.egress = self.egress.kernel_maps(self._slots())
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
@@ -287,6 +293,7 @@ class Engine:
         plan = self.policy.kernel_plan()
         km = build_kernel_maps(plan, {episode.slot: episode.id})
         self.probes.set_slot_mask(episode.slot, km.slot_masks.get(episode.slot, 0))
+        self.egress.on_slot(episode)
 
     # --------------------------------------------------------------- process
     def process(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -296,6 +303,12 @@ class Engine:
         if t == "gate_race":
             self.gate_races += 1
             return []
+        if t in ("egress", "dns"):
+            return self.egress.alerts(rec)
+        if t == "datagram":
+            self.egress.judge.enrich(rec)
+        elif t == "episode_end":
+            self.egress.episode_ended(rec)
         if t == "exec" and rec.get("pid") in self.canary_pids:
             return []
         if t == "exit":
@@ -554,6 +567,7 @@ class Engine:
         # episode processes; a process outside every episode (gated by a
         # scope = "all" rule) is continued: the tracer going away must not
         # kill the node's own processes
+        self.egress.close()
         if self.probes is None:
             return
         for pid in list(self.probes.gated()):
@@ -567,7 +581,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races, "reloads": self.reloads,
-                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {})}
+                "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
+                **self.egress.stats()}
 
 
 def _proc_state(pid: int) -> str | None:

@@ -26,12 +26,13 @@ from .proctable import Proc, ProcessTable
 EPISODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
-     "protocol"}
+     "protocol", "egress", "datagram"}
 )
 
 # kinds that neither create, change nor end a process (listen is not here: it
 # may read the socket's local address from /proc)
-_FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol"})
+_FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol",
+                         "egress", "datagram"})
 
 
 def check_episode_id(ep: str) -> str:

@@ -29,13 +29,15 @@ class Kind(enum.IntEnum):
     GATE_RACE = 11
     PROTOCOL = 12  # first bytes of a new outbound TCP connection (wire_event)
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
+    EGRESS = 24  # egress mode refused (monitor: would refuse) a connect/sendmsg (egress_event)
+    DATAGRAM = 25  # first bytes of an episode's UDP datagram to a non-loopback host (datagram_event)
 
     @property
     def record_type(self) -> str:
         return self.name.lower()
 
 
-KIND_MAX = 14
+KIND_MAX = 26
 
 # exec_event.flags
 EXEC_ARGV_TRUNCATED = 1 << 0
@@ -59,9 +61,12 @@ class Counter(enum.IntEnum):
     EXEC_KILLED = 2
     DENIED = 3
     WIRE_HELD = 4
+    EGRESS_DENIED = 18
+    DNS_REDIRECTED = 19
+    DATAGRAMS = 20
 
 
-COUNTER_MAX = 5
+COUNTER_MAX = 21
 
 
 class Config(enum.IntEnum):
@@ -82,14 +87,27 @@ class Config(enum.IntEnum):
     GATE_ALL_GLOBAL = 14
     WIRE_HOLD = 15
     MONITOR = 16
+    EGRESS = 27
+    DNS_STUB_PORT = 28
+    UDP_INSPECT = 29
 
 
-CONFIG_MAX = 17
+CONFIG_MAX = 30
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
 DENY_WOULD = 1 << 1
 RULE_CANARY = 63
+
+# egress_event.flags, the DNS stub's network, datagram capture (bpf/events.h)
+EGRESS_SENDMSG = 1 << 0
+EGRESS_WOULD = 1 << 1
+EGRESS_DNS = 1 << 2
+EGRESS_LOCAL = 1 << 3
+EGRESS_PROTO = 1 << 4
+DNS_STUB_NET = 0x7F350000
+DGRAM_CAP = 320
+DGRAM_FIRST = 4
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -204,6 +222,16 @@ LAYOUTS: dict[Kind, Layout] = {
     Kind.CGROUP_MKDIR: Layout(
         "cgroup_event", HDR_FIELDS + (("id", "Q"), ("level", "i"), ("_pad", "I"), ("path", f"{CGROUP_PATH_LEN}s"))
     ),
+    Kind.EGRESS: Layout(
+        "egress_event",
+        HDR_FIELDS + (("family", "I"), ("protocol", "I"), ("port", "I"), ("flags", "I"), ("slot", "I"),
+                      ("_pad", "I"), ("addr", "16s")),
+    ),
+    Kind.DATAGRAM: Layout(
+        "datagram_event",
+        HDR_FIELDS + (("cookie", "Q"), ("slot", "I"), ("len", "I"), ("family", "H"), ("dport", "H"),
+                      ("sport", "H"), ("captured", "H"), ("addr", "16s"), ("data", f"{DGRAM_CAP}s")),
+    ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
 
@@ -212,6 +240,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "comm_key": Layout("comm_key", (("gen", "I"), ("comm", f"{COMM_LEN}s"))),
     "lpm4_key": Layout("lpm4_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "4s"))),
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
+    "egress_dyn_key": Layout("egress_dyn_key", (("slot", "I"), ("_pad", "I"), ("addr", "16s"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
     ),
@@ -378,6 +407,38 @@ def _cgroup_mkdir(v: tuple) -> dict[str, Any]:
             "comm": _comm(v[6]), "cgroup_id": v[7], "level": v[8], "path": cstr(v[10])}
 
 
+def _addr16(raw: bytes) -> tuple[str, str]:
+    """(family, address) of a 16-byte address, IPv4 as ::ffff:a.b.c.d."""
+    a = ipaddress.IPv6Address(raw)
+    if a.ipv4_mapped is not None:
+        return "inet", str(a.ipv4_mapped)
+    return "inet6", str(a)
+
+
+def _egress(v: tuple) -> dict[str, Any]:
+    fam, proto, port, flags, slot, _pad, raw = v[7:14]
+    family, addr = _addr16(raw)
+    reason = ("dns" if flags & EGRESS_DNS else "local" if flags & EGRESS_LOCAL
+              else "protocol" if flags & EGRESS_PROTO else "not-allowed")
+    return {"type": "egress", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "family": family, "addr": addr,
+            "protocol": "tcp" if proto == socket.IPPROTO_TCP else "udp" if proto == socket.IPPROTO_UDP else str(proto),
+            "port": port, "call": "sendmsg" if flags & EGRESS_SENDMSG else "connect",
+            "would": bool(flags & EGRESS_WOULD), "reason": reason, "slot": slot}
+
+
+def _datagram(v: tuple) -> dict[str, Any]:
+    from .datagram import describe
+
+    cookie, slot, length, fam, dport, sport, captured, raw, data = v[7:16]
+    family, addr = _addr16(raw)
+    r = {"type": "datagram", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+         "comm": _comm(v[6]), "cookie": cookie, "slot": slot, "len": length, "family": family, "addr": addr,
+         "port": dport, "sport": sport, "captured": captured}
+    r.update(describe(data[:captured], dport))
+    return r
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -392,6 +453,8 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.GATE_RACE: (_STRUCTS[Kind.GATE_RACE], _gate_race),
     Kind.PROTOCOL: (_STRUCTS[Kind.PROTOCOL], _protocol),
     Kind.CGROUP_MKDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_mkdir),
+    Kind.EGRESS: (_STRUCTS[Kind.EGRESS], _egress),
+    Kind.DATAGRAM: (_STRUCTS[Kind.DATAGRAM], _datagram),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum

@@ -29,6 +29,15 @@ SOCK_ADDR_PROGS = {
     "at_sendmsg4": "CGROUP_UDP4_SENDMSG",
     "at_sendmsg6": "CGROUP_UDP6_SENDMSG",
 }
+# egress mode and datagram inspection (bpf/egress.h, bpf/udp.h): program ->
+# (bcc program type attribute, attach type), attached like the sock_addr ones
+EGRESS_PROGS = {
+    "at_recvmsg4": ("CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    "at_recvmsg6": ("CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
+    "at_post_bind4": ("CGROUP_SOCK", "CGROUP_INET4_POST_BIND"),
+    "at_post_bind6": ("CGROUP_SOCK", "CGROUP_INET6_POST_BIND"),
+    "at_udp_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
+}
 BPF_F_ALLOW_MULTI = 2
 DEFAULT_GPU_PREFIXES = ("/dev/nvidia", "/dev/dri/", "/dev/kfd")
 EPISODE_DIR = "agent-tracer"
@@ -178,6 +187,11 @@ class Probes:
                 fn = self.bpf.load_func(fn_name, BPF.CGROUP_SOCK_ADDR, attach_type=at)
                 BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
                 self._sock_attached.append((fn, self._cg_root_fd, at))
+            for fn_name, (prog_type, type_name) in EGRESS_PROGS.items():
+                at = getattr(attach_types, type_name)
+                fn = self.bpf.load_func(fn_name, getattr(BPF, prog_type), attach_type=at)
+                BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
+                self._sock_attached.append((fn, self._cg_root_fd, at))
         except Exception as e:
             self._detach_sock_addr()
             raise ProbeError(f"attaching cgroup sock_addr programs failed: {e}") from e
@@ -196,7 +210,7 @@ class Probes:
 
     def attached_programs(self) -> list[str]:
         tps = [f"tracepoint:{k}" for k in sorted(self._tracepoints())]
-        socks = [f"cgroup:{n}" for n in SOCK_ADDR_PROGS if self._sock_attached]
+        socks = [f"cgroup:{n}" for n in (*SOCK_ADDR_PROGS, *EGRESS_PROGS) if self._sock_attached]
         return tps + socks
 
     def _tracepoints(self) -> list[str]:
@@ -318,6 +332,9 @@ class Probes:
             t = self.bpf[name]
             for k in [k for k in t.keys() if (k.value >> 16) == gen]:
                 del t[k]
+        from .egress_maps import clear_gen as egress_clear_gen
+
+        egress_clear_gen(self, gen)
         for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
         for base in (Config.DENY_GLOBAL0, Config.ANYPORT0, Config.TCP0, Config.UDP0, Config.EXC_ANYPORT0):
@@ -358,6 +375,10 @@ class Probes:
         self._set_cfg(Config(Config.TCP0 + gen), plan.tcp_mask)
         self._set_cfg(Config(Config.UDP0 + gen), plan.udp_mask)
         self._set_cfg(Config(Config.EXC_ANYPORT0 + gen), plan.exc_anyport_mask)
+        if plan.egress is not None:
+            from .egress_maps import write_gen as egress_write_gen
+
+            egress_write_gen(self, gen, plan.egress)
 
     def set_slot_mask(self, slot: int, mask: int) -> None:
         gen = self.active_gen()
@@ -392,3 +413,4 @@ class KernelMaps:
     tcp_mask: int = 0
     udp_mask: int = 0
     exc_anyport_mask: int = 0
+    egress: "object | None" = None  # tracer.egress_maps.EgressMaps (egress mode), None: none

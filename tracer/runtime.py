@@ -47,6 +47,8 @@ class RunOptions:
     relay_interval: float = 2.0  # seconds between reverse-tunnel shape scans (tracer/relay.py); 0 turns it off
     relay_min_age: float = 5.0  # both legs of a relay must have been seen this long
     extra_sinks: list[Sink] = field(default_factory=list)
+    dns_upstreams: list[str] | None = None  # egress mode's DNS stub forwards here (None: /etc/resolv.conf)
+    dns_ttl_grace: float = 2.0  # seconds an answered address stays allowed beyond its TTL
 
 
 class Runtime:
@@ -92,6 +94,7 @@ class Runtime:
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
             engine.load_kernel()
+            self.add_poll_hook(engine.egress.drain_into(self.pipeline.handle))
         now = time.time()
         for r in self.tracker.seed(now):
             self.pipeline.emit(r)

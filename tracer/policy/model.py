@@ -53,6 +53,7 @@ class Kind(str, Enum):
     GPU_OPEN = "gpu_open"
     PROTOCOL = "protocol"
     RELAY = "relay"  # the reverse-tunnel shape (tracer/relay.py)
+    DATAGRAM = "datagram"  # an episode's UDP datagram to an outside host (bpf/udp.h, tracer/datagram.py)
 
 
 class Scope(str, Enum):

@@ -1,0 +1,162 @@
+"""Egress mode in the live tracer: the engine's part (loop thread).
+
+Owns the DNS stub's lifecycle and the slot -> (episode, profile) view it
+reads, compiles the [[egress]] profiles into the kernel maps with every
+policy load, and turns `egress` (kernel refusals), `dns` (stub verdicts)
+and `datagram` records into alerts or policy input. Everything here runs
+on the loop thread; the stub's threads only write `egress_dyn` and queue
+`dns` records (tracer/dns_stub.py).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from .datagram import DatagramJudge
+from .dns_stub import DnsStub, SlotView, node_resolvers
+from .egress_maps import DynAllow, EgressMaps, build_egress_maps, set_resolvers, set_slot, slot_profile
+from .events import Config
+from .policy.egress import profile_for
+
+log = logging.getLogger(__name__)
+
+
+class EgressControl:
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.upstreams: list[str] | None = None  # None: the node's (/etc/resolv.conf)
+        self.ttl_grace_s = 2.0
+        self.probes = None
+        self.tracker = None
+        self.stub: DnsStub | None = None
+        self.judge = DatagramJudge()
+        self.stub_error: str | None = None
+        self.egress_denied = 0
+        self.dns_refused = 0
+
+    @property
+    def profiles(self) -> tuple:
+        return tuple(getattr(self.engine.policy, "egress", ()) or ())
+
+    def configure(self, upstreams: list[str] | None = None, ttl_grace_s: float | None = None) -> None:
+        self.upstreams = list(upstreams) if upstreams else None
+        if ttl_grace_s is not None:
+            self.ttl_grace_s = ttl_grace_s
+
+    def resolvers(self) -> list[str]:
+        ups = self.upstreams or node_resolvers()
+        return list(dict.fromkeys([*node_resolvers(), *ups]))
+
+    # --------------------------------------------------------------- wiring
+    def attach(self, probes: Any, tracker: Any) -> None:
+        self.probes, self.tracker = probes, tracker
+        res = self.resolvers()
+        self.judge = DatagramJudge(res)
+        set_resolvers(probes, [a for a in res if ":" not in a])
+        probes._set_cfg(Config.UDP_INSPECT, 1)
+
+    def _ensure_stub(self) -> None:
+        if self.stub is not None or self.probes is None or not any(p.enabled for p in self.profiles):
+            return
+        ups = self.upstreams or node_resolvers()
+        try:
+            self.stub = DnsStub(DynAllow(self.probes), ups, monitor=self.engine.monitor,
+                                ttl_grace_s=self.ttl_grace_s,
+                                default_profile=lambda: profile_for(self.profiles, None)).start()
+        except OSError as e:  # no stub: egress-mode DNS is refused in the kernel (port 0)
+            self.stub_error = f"DNS stub could not start: {e}"
+            log.error("%s", self.stub_error)
+            return
+        self.probes._set_cfg(Config.DNS_STUB_PORT, self.stub.port)
+
+    def kernel_maps(self, slots: dict[int, str]) -> EgressMaps:
+        """The egress part of a policy load (loop thread); refreshes the stub's view."""
+        self._ensure_stub()
+        em = build_egress_maps(self.profiles, slots)
+        self._publish(slots)
+        return em
+
+    def _publish(self, slots: dict[int, str]) -> None:
+        if self.stub is None:
+            return
+        view = {}
+        for slot, ep in {0: None, **slots}.items():
+            idx = slot_profile(self.profiles, slot, ep)
+            if idx is not None:
+                view[slot] = SlotView(ep, self.profiles[idx])
+        self.stub.set_view(view)
+
+    def on_slot(self, episode: Any) -> None:
+        if self.probes is None:
+            return
+        idx = slot_profile(self.profiles, episode.slot, episode.id)
+        set_slot(self.probes, episode.slot, None if idx is None else 1 << idx)
+        if self.stub is not None:
+            self._publish(self.engine._slots())
+
+    def episode_ended(self, rec: dict[str, Any]) -> None:
+        ep = rec.get("episode")
+        if not ep:
+            return
+        self.judge.forget(ep)
+        e = self.tracker.episodes.get(ep) if self.tracker is not None else None
+        if e is not None and self.stub is not None:
+            self.stub.forget_slot(e.slot)
+
+    def drain_into(self, handle: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """A poll hook: the stub's `dns` records through the pipeline."""
+        def hook() -> None:
+            if self.stub is not None:
+                for r in self.stub.drain():
+                    handle(r)
+        return hook
+
+    def close(self) -> None:
+        if self.stub is not None:
+            if self.probes is not None:
+                try:
+                    self.probes._set_cfg(Config.DNS_STUB_PORT, 0)
+                except Exception:  # pragma: no cover - maps already gone
+                    pass
+            self.stub.close()
+            self.stub = None
+
+    # ---------------------------------------------------------------- alerts
+    def _profile_of(self, rec: dict[str, Any]):
+        return profile_for(self.profiles, rec.get("episode"))
+
+    def alerts(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        from .engine import make_alert
+        from .policy import Action, Verdict
+
+        t = rec["type"]
+        if t == "dns" and rec.get("verdict") != "refused":
+            return []
+        prof = self._profile_of(rec)
+        if prof is None and rec.get("profile"):
+            prof = next((p for p in self.profiles if p.name == rec["profile"]), None)
+        if prof is None:
+            return []
+        if t == "egress":
+            self.egress_denied += 1
+            matched = {k: rec.get(k) for k in ("addr", "port", "protocol", "reason")}
+            desc = f"egress mode: {rec.get('call')} to a destination the profile does not allow ({rec.get('reason')})"
+        else:
+            self.dns_refused += 1
+            matched = {"qname": rec.get("qname"), "qtype": rec.get("qtype"), "reason": rec.get("reason")}
+            desc = f"egress mode: DNS query refused by the stub ({rec.get('reason')})"
+        v = Verdict(prof.name, prof.severity, Action.DENY, matched, prof.description or desc, ("egress",))
+        o = self.engine.enforcer.apply("deny", rec, already=True)
+        if o.enforced:
+            o.detail = f"{rec.get('call', 'dns query')} refused" + (" in kernel" if t == "egress" else " by the DNS stub")
+        a = make_alert(rec, v, o, self.engine.policy.version)
+        for k in ("reason", "qname", "qtype", "call"):
+            if rec.get(k) is not None:
+                a[k] = rec[k]
+        return [a]
+
+    def stats(self) -> dict[str, Any]:
+        out = {"egress_denied": self.egress_denied, "dns_refused_alerts": self.dns_refused}
+        if self.stub is not None:
+            out.update(self.stub.stats())
+        return out
