@@ -256,7 +256,7 @@ class DnsStub:
                                "profile": getattr(profile, "name", None)}
         why = None
         if profile is None:
-            why = "episode not in egress mode"
+            why = "episode not registered yet" if slot == 0 else "episode not in egress mode"
         elif not profile.name_allowed(qname):
             why = "name not allowed"
         elif qtype in REFUSED_TYPES:

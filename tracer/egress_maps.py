@@ -18,8 +18,7 @@ from typing import Any, Iterable
 from .events import Config, SLOT_CANARY
 from .policy.egress import EgressProfile, profile_for
 
-ANY4 = ipaddress.ip_network("0.0.0.0/0")
-ANY6 = ipaddress.ip_network("::/0")
+PENDING_BIT = 63  # slot 0 while no "*" profile exists: egress mode with nothing allowed
 
 
 @dataclass
@@ -65,11 +64,9 @@ def build_egress_maps(profiles: tuple[EgressProfile, ...], slots: dict[int, str]
         if not p.enabled:
             continue
         bit = 1 << i
-        for net in p.allow_cidrs:
+        for net in p.allow_cidrs:  # (an inet6 socket's ::ffff:a.b.c.d is checked as IPv4)
             tgt = a4 if net.version == 4 else a6
             tgt[net] = tgt.get(net, 0) | bit
-            if net.version == 4:  # an inet6 socket may reach it as ::ffff:a.b.c.d (checked as IPv4)
-                pass
         _ports(em.ports, p.allow_ports, bit)
         _ports(em.local, p.allow_local_ports, bit)
     for slot, ep in {0: None, **slots}.items():
@@ -77,6 +74,10 @@ def build_egress_maps(profiles: tuple[EgressProfile, ...], slots: dict[int, str]
         if idx is not None:
             em.slot_bits[slot] = 1 << idx
     em.on = bool(em.slot_bits) or any(p.enabled for p in profiles)
+    if em.on and 0 not in em.slot_bits:
+        # an episode the tracer has not registered yet (slot 0) may be one of
+        # a profile's: fail closed until it is (nothing allowed, its DNS refused)
+        em.slot_bits[0] = 1 << PENDING_BIT
     em.allow4, em.allow6 = _closure(a4), _closure(a6)
     return em
 

@@ -33,7 +33,7 @@ from .model import Severity
 
 EGRESS_KEYS = ("name", "description", "episodes", "enabled", "severity", "allow_names", "allow_cidrs",
                "allow_ports", "allow_local_ports")
-MAX_PROFILES = 64  # one bit each in the kernel's masks
+MAX_PROFILES = 63  # one bit each in the kernel's masks (bit 63: not registered yet)
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
