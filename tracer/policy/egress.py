@@ -195,25 +195,31 @@ def _compile_one(loader: Any, item: Any) -> EgressProfile | None:
                          allow_local_ports=tuple(sorted(set(local))), file=loc.file)
 
 
-def posture_warnings(loader: Any, profiles: tuple[EgressProfile, ...]) -> None:
-    """Warn when an episode glob named by a rule, or the episodes no profile
-    covers, have no egress posture (everything outbound allowed unless a
+def posture_warnings(policy: Any) -> list[Any]:
+    """`policy check` warnings: an episode glob named by a rule that no
+    enabled [[egress]] entry covers, and, when profiles exist, the episodes
+    none covers, have no egress posture (every destination allowed unless a
     deny rule says otherwise)."""
     from .conditions import StrCond
-    from .loader import Loc
+    from .model import Diagnostic, Level
 
-    enabled = [p for p in profiles if p.enabled]
-    for build in loader.builds.values():
-        for cond in build.match:
+    out: list[Diagnostic] = []
+    enabled = [p for p in getattr(policy, "egress", ()) if p.enabled]
+    for rule in policy.rules:
+        if not rule.enabled:
+            continue
+        for cond in rule.match:
             if cond.field != "episode" or not isinstance(cond, StrCond):
                 continue
             for g in sorted(cond.exact or ()) + list(cond.globs):
                 if not any(covers(p.episodes, g) for p in enabled):
-                    loader.warn(build.loc, cond.path,
-                                f"episode glob '{g}' has no egress posture (no [[egress]] entry covers it: "
-                                f"every destination is allowed unless a deny rule says otherwise)")
+                    out.append(Diagnostic(rule.file, f"rule '{rule.name}'", cond.path,
+                                          f"episode glob '{g}' has no egress posture (no [[egress]] entry covers "
+                                          f"it: every destination is allowed unless a deny rule says otherwise)",
+                                          Level.WARNING))
     if enabled and not any(p.episodes == "*" for p in enabled):
         globs = ", ".join(f"'{p.episodes}'" for p in enabled)
-        loader.warn(Loc(enabled[0].file, f"egress '{enabled[0].name}'"), "episodes",
-                    f"episodes matching none of {globs} have no egress posture; add an [[egress]] entry "
-                    f"with episodes = \"*\" (it applies after the others) to give them one")
+        out.append(Diagnostic(enabled[0].file, f"egress '{enabled[0].name}'", "episodes",
+                              f"episodes matching none of {globs} have no egress posture; add an [[egress]] "
+                              f"entry with episodes = \"*\" (after the others) to give them one", Level.WARNING))
+    return out

@@ -729,10 +729,9 @@ class Loader:
                     )
 
     def compile_egress(self) -> None:
-        from .egress import compile_profiles, posture_warnings
+        from .egress import compile_profiles
 
         self.egress = compile_profiles(self, self.raw_egress)
-        posture_warnings(self, self.egress)
 
     def check_unused(self) -> None:
         lists = [ld for name, ld in self.lists.items() if name not in self.used_lists]
