@@ -148,7 +148,8 @@ class DnsStub:
                 s.close()
             except OSError:
                 pass
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -------------------------------------------------------- stub threads
