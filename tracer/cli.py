@@ -65,8 +65,11 @@ def main(verbose: int) -> None:
               help="Verdict for an episode's gated exec whose decision timed out (outside episodes: always allow).")
 @click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
+@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR",
+              help="Egress mode: resolver the DNS stub forwards allowed names to (repeatable). "
+                   "Default: the nameservers of /etc/resolv.conf.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval) -> None:
+        gate_timeout, gate_default, gpu_interval, dns_upstreams) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -86,7 +89,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         log=log_path, scope_all=scope_all, monitor=monitor,
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
-        gpu_interval=gpu_interval,
+        gpu_interval=gpu_interval, dns_upstreams=list(dns_upstreams) or None,
     )
     rt = Runtime(opts)
     try:

@@ -233,7 +233,8 @@ class DnsStub:
         v = self._view.get(slot)
         if v is not None:
             return v.episode, v.profile
-        return None, self._default()
+        # slot 0: an episode not registered yet, which only a "*" profile covers
+        return None, self._default() if slot == 0 else None
 
     def resolve(self, data: bytes, slot: int, transport: str) -> bytes | None:
         """The reply to send for query `data` from episode slot `slot`

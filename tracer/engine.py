@@ -475,6 +475,7 @@ class Engine:
                 res["connect_deny"] = self._canary_connect(cg)
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
+                res.update(self.egress.selftest(self._in_cgroup(cg)))
         except Exception as e:  # noqa: BLE001 - report, never crash the start
             res.setdefault("connect_deny", f"failed: {e}")
         finally:
