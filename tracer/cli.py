@@ -68,8 +68,10 @@ def main(verbose: int) -> None:
 @click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR",
               help="Egress mode: resolver the DNS stub forwards allowed names to (repeatable). "
                    "Default: the nameservers of /etc/resolv.conf.")
+@click.option("--dns-ttl-grace", default=2.0, show_default=True, type=click.FloatRange(0, 300),
+              help="Egress mode: seconds an answered address stays allowed beyond the answer's TTL.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval, dns_upstreams) -> None:
+        gate_timeout, gate_default, gpu_interval, dns_upstreams, dns_ttl_grace) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -90,6 +92,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
         gpu_interval=gpu_interval, dns_upstreams=list(dns_upstreams) or None,
+        dns_ttl_grace=dns_ttl_grace,
     )
     rt = Runtime(opts)
     try:
