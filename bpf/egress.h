@@ -42,7 +42,7 @@ struct dns_orig {
 	u32 v6;
 };
 BPF_TABLE("lru_hash", u64, struct dns_orig, dns_orig, 16384);
-BPF_HASH(listen_owner, u32, u32, 65536);
+BPF_HASH(listen_owner, u32, u32, 131072);  /* every TCP and UDP port: never full */
 
 #define AT_EGRESS_PASS 1     /* not egress's business (or allowed): the deny rules decide */
 #define AT_EGRESS_REFUSE 0

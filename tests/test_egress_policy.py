@@ -233,3 +233,33 @@ def test_stub_installs_before_answering_and_refuses_others(tmp_path, upstream, m
         assert stub.resolve(b"\x00garbage", 7, "udp") is None
     finally:
         stub.close()
+
+
+def test_stub_answers_servfail_when_the_allow_map_is_full(tmp_path, upstream, monkeypatch):
+    """An answer whose addresses could not be installed is not given out
+    (the kernel would refuse them): SERVFAIL, counted, on record."""
+    (host, port), asked = upstream
+    import tracer.dns_stub as stub_mod
+
+    real = socket.socket
+
+    class ToUpstream(real):
+        def connect(self, addr):
+            return super().connect((host, port) if addr[1] == 53 else addr)
+
+    class Full(Recorder):
+        def put(self, slot, addr, ttl):
+            raise OSError(7, "Argument list too long")  # what a full BPF hash map answers
+
+    monkeypatch.setattr(stub_mod.socket, "socket", ToUpstream)
+    res, _ = _load(tmp_path, GOOD)
+    stub = DnsStub(Full([]), [host])
+    try:
+        stub.set_view({7: SlotView("train-1", res.policy.egress[0])})
+        r = DNSRecord.parse(stub.resolve(DNSRecord.question("pypi.org").pack(), 7, "udp"))
+        assert r.header.rcode == RCODE.SERVFAIL and r.rr == []
+        rec = stub.drain()[-1]
+        assert rec["verdict"] == "failed" and "allow map" in rec["reason"]
+        assert stub.stats()["dns_install_failed"] == 1
+    finally:
+        stub.close()

@@ -44,6 +44,7 @@ IP_PKTINFO = 8
 REFUSED_TYPES = frozenset({"NULL", "ANY", "AXFR", "IXFR"})
 UPSTREAM_TIMEOUT_S = 2.0
 TTL_GRACE_S = 2.0
+MAX_TCP = 64  # TCP clients served at once
 MAX_TTL_S = 86400.0
 
 
@@ -117,6 +118,8 @@ class DnsStub:
         self.queries = 0
         self.refused = 0
         self.installed = 0
+        self.install_failed = 0
+        self._tcp_active = 0
         self._thread = threading.Thread(target=self._serve, name="at-dns-stub", daemon=True)
 
     # ------------------------------------------------------- loop thread API
@@ -139,7 +142,8 @@ class DnsStub:
                 return out
 
     def stats(self) -> dict[str, int]:
-        return {"dns_queries": self.queries, "dns_refused": self.refused, "dns_installed": self.installed}
+        return {"dns_queries": self.queries, "dns_refused": self.refused, "dns_installed": self.installed,
+                "dns_install_failed": self.install_failed}
 
     def close(self) -> None:
         self._stop.set()
@@ -173,7 +177,7 @@ class DnsStub:
                         self._on_udp()
                     else:
                         conn, peer = self.tcp.accept()
-                        self._pool.submit(self._on_tcp, conn, peer)
+                        self._tcp_conn(conn, peer)
                 except OSError as e:
                     if self._stop.is_set():
                         return
@@ -205,6 +209,24 @@ class DnsStub:
             self.udp.sendmsg([reply], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, peer)
         except OSError as e:
             log.debug("dns stub: reply to %s: %s", peer, e)
+
+    def _tcp_conn(self, conn: socket.socket, peer) -> None:
+        """A thread per TCP client (idle clients must not hold the UDP
+        pool); at most MAX_TCP at once, the rest are closed."""
+        with self._lock:
+            if self._tcp_active >= MAX_TCP:
+                conn.close()
+                return
+            self._tcp_active += 1
+
+        def run() -> None:
+            try:
+                self._on_tcp(conn, peer)
+            finally:
+                with self._lock:
+                    self._tcp_active -= 1
+
+        threading.Thread(target=run, name="at-dns-tcp", daemon=True).start()
 
     def _on_tcp(self, conn: socket.socket, peer) -> None:
         with conn:
@@ -286,14 +308,22 @@ class DnsStub:
         except (DNSError, Exception):
             ans = None
         if ans is not None:
-            with self._lock:
-                for rr in ans.rr:
-                    if rr.rtype in (QTYPE.A, QTYPE.AAAA):
-                        t = min(float(rr.ttl), MAX_TTL_S)
-                        self.dyn.put(slot, str(rr.rdata), t + self.ttl_grace_s)
-                        self.installed += 1
-                        answers.append(str(rr.rdata))
-                        ttl = t if ttl is None else min(ttl, t)
+            try:
+                with self._lock:
+                    for rr in ans.rr:
+                        if rr.rtype in (QTYPE.A, QTYPE.AAAA):
+                            t = min(float(rr.ttl), MAX_TTL_S)
+                            self.dyn.put(slot, str(rr.rdata), t + self.ttl_grace_s)
+                            self.installed += 1
+                            answers.append(str(rr.rdata))
+                            ttl = t if ttl is None else min(ttl, t)
+            except Exception as e:  # the allow map is full (or gone): no answer the kernel would refuse
+                self.install_failed += 1
+                rec.update(verdict="failed", reason=f"allow map write failed: {e}", answers=answers)
+                self._records.put(rec)
+                reply = q.reply()
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply.pack()
             rec["rcode"] = RCODE.get(ans.header.rcode)
         rec.setdefault("verdict", "allowed")
         rec.update(answers=answers, ttl=ttl)
