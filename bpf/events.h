@@ -120,7 +120,10 @@ enum at_config {
 				      127.53.0.0/16 (0: no stub: episode DNS in egress
 				      mode is refused) */
 	AT_CFG_UDP_INSPECT = 29, /* 1: the cgroup_skb program reports episode datagrams */
-	AT_CFG_MAX = 30,
+	AT_CFG_DNS_DROP_LABEL = 30, /* byte g: an enforcing datagram rule kills DNS queries with
+				       a label of this many characters or more: the packet
+				       path drops them (0: off), in generation g */
+	AT_CFG_MAX = 31,
 };
 
 struct event_hdr {
@@ -282,9 +285,14 @@ struct datagram_event {
 	__u16 dport;
 	__u16 sport;
 	__u16 captured;
+	__u32 flags;          /* AT_DGRAM_DROPPED */
+	__u32 _pad;
 	__u8 addr[16];        /* destination */
 	__u8 data[AT_DGRAM_CAP];
 };
+
+/* datagram_event.flags */
+#define AT_DGRAM_DROPPED (1u << 0)   /* dropped in the packet path (AT_CFG_DNS_DROP_LABEL) */
 
 /* ---- keys of the policy maps (all carry the policy generation) ---- */
 

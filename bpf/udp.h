@@ -52,6 +52,29 @@ static __always_inline void udp_note(struct bpf_sock_addr *ctx)
 	udp_socks.update(&cookie, n);
 }
 
+/* 0 (drop) when the query name of the DNS message at `q` (the question,
+ * after the 12-byte header) has a label of the enforced length or more, or a
+ * length byte no query has (a pointer or an extended label type) */
+static __always_inline u32 dns_label_verdict(struct __sk_buff *skb, u32 q, u32 len)
+{
+	u32 gen = (u32)cfg(AT_CFG_GEN) & 1;
+	u32 thr = (cfg(AT_CFG_DNS_DROP_LABEL) >> (8 * gen)) & 0xff;
+	if (!thr || len < 13)
+		return 1;
+	u32 pos = q;
+	for (int i = 0; i < 128; i++) {
+		u8 l;
+		if (bpf_skb_load_bytes(skb, pos, &l, 1))
+			return 1;   /* the name ends past the packet: not a query the resolver reads */
+		if (l == 0)
+			return 1;
+		if ((l & 0xc0) || l >= thr)
+			return 0;
+		pos += l + 1;
+	}
+	return 0;   /* more labels than a 255-byte name can hold */
+}
+
 int at_udp_egress(struct __sk_buff *skb)
 {
 	if (!cfg(AT_CFG_UDP_INSPECT))
@@ -100,15 +123,18 @@ int at_udp_egress(struct __sk_buff *skb)
 	u16 sport = (uh[0] << 8) | uh[1], dport = (uh[2] << 8) | uh[3];
 	u32 ulen = (uh[4] << 8) | uh[5];
 	u32 len = ulen >= 8 ? ulen - 8 : 0;
+	u32 verdict = 1;
 	if (dport != 53) {
 		if (u->sent >= AT_DGRAM_FIRST)
 			return 1;
 		__sync_fetch_and_add(&u->sent, 1);
+	} else {
+		verdict = dns_label_verdict(skb, off + 8 + 12, len);
 	}
 	struct datagram_event *e = events.ringbuf_reserve(sizeof(struct datagram_event));
 	if (!e) {
 		count_lost(AT_EV_DATAGRAM);
-		return 1;
+		return verdict;
 	}
 	e->h.ktime = bpf_ktime_get_ns();
 	e->h.cgroup_id = bpf_skb_cgroup_id(skb);
@@ -135,9 +161,11 @@ int at_udp_egress(struct __sk_buff *skb)
 			n = 0;
 	}
 	e->captured = n;
+	e->flags = verdict ? 0 : AT_DGRAM_DROPPED;
+	e->_pad = 0;
 	count(AT_CNT_DATAGRAMS);
 	events.ringbuf_submit(e, 0);
-	return 1;
+	return verdict;
 }
 
 #endif

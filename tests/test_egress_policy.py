@@ -263,3 +263,23 @@ def test_stub_answers_servfail_when_the_allow_map_is_full(tmp_path, upstream, mo
         assert stub.stats()["dns_install_failed"] == 1
     finally:
         stub.close()
+
+
+def test_dns_drop_label_from_enforcing_rules(tmp_path):
+    from tracer.egress_ctl import dns_drop_label
+
+    assert dns_drop_label(load_policy([POLICY_DIR]).policy) == 40  # udp.toml's dns-tunnel-labels (kill)
+    mk = lambda action, match, extra="": (
+        f'[[rule]]\nname = "r"\ndescription = "d"\non = "datagram"\nseverity = "high"\naction = "{action}"\n'
+        f"match = {match}\n{extra}")
+    cases = [
+        (mk("kill", '{ app = "dns", dns_label_max = { gte = 30.5 } }'), 31),
+        (mk("alert", '{ app = "dns", dns_label_max = { gte = 30 } }'), 0),  # does not enforce
+        (mk("kill", '{ app = "dns", dns_label_max = { gte = 30 }, port = 53 }'), 0),  # more than the kernel reads
+        (mk("kill", '{ app = "dns", dns_label_max = { gte = 30 } }', 'except = [ { port = 5353 } ]'), 0),
+        (mk("kill", '{ app = ["dns", "quic"], dns_label_max = { gte = 30 } }'), 0),
+    ]
+    for text, want in cases:
+        res, _ = _load(tmp_path, text)
+        assert not res.errors, [str(e) for e in res.errors]
+        assert dns_drop_label(res.policy) == want, text

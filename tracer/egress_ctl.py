@@ -21,6 +21,30 @@ from .policy.egress import profile_for
 log = logging.getLogger(__name__)
 
 
+def dns_drop_label(policy: Any) -> int:
+    """The label length from which the packet path drops an episode's DNS
+    query (0: never): the smallest N of the enabled enforcing `datagram`
+    rules whose whole match is `app = "dns"` and `dns_label_max >= N` (no
+    except), so the kill does not come after the data left."""
+    from .policy.conditions import NumCond, StrCond
+
+    best = 0
+    for r in policy.rules:
+        if not r.enabled or not r.action.enforces or getattr(r.on, "value", r.on) != "datagram" or r.excepts:
+            continue
+        fields = {c.field: c for c in r.match}
+        app, lab = fields.get("app"), fields.get("dns_label_max")
+        if set(fields) != {"app", "dns_label_max"} or not isinstance(app, StrCond) or app.exact != frozenset({"dns"}):
+            continue
+        if app.globs or app.regexes or not isinstance(lab, NumCond) or lab.values is not None:
+            continue
+        if lab.gte is None or lab.gt is not None or lab.lt is not None or lab.lte is not None:
+            continue
+        n = max(1, min(255, int(-(-lab.gte // 1))))  # ceil: labels are whole characters
+        best = n if not best else min(best, n)
+    return best
+
+
 class EgressControl:
     def __init__(self, engine: Any):
         self.engine = engine
@@ -73,6 +97,7 @@ class EgressControl:
         """The egress part of a policy load (loop thread); refreshes the stub's view."""
         self._ensure_stub()
         em = build_egress_maps(self.profiles, slots)
+        em.dns_drop_label = 0 if self.engine.monitor else dns_drop_label(self.engine.policy)
         self._publish(slots)
         return em
 

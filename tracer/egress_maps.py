@@ -29,6 +29,7 @@ class EgressMaps:
     allow6: dict[Any, int] = field(default_factory=dict)
     ports: dict[int, int] = field(default_factory=dict)
     local: dict[int, int] = field(default_factory=dict)
+    dns_drop_label: int = 0  # bpf/udp.h: drop episode DNS queries with a label this long (0: off)
 
 
 def _closure(entries: dict[Any, int]) -> dict[Any, int]:
@@ -94,6 +95,7 @@ def clear_gen(probes: Any, gen: int) -> None:
         for k in [k for k in t.keys() if (k.value >> 16) == gen]:
             del t[k]
     probes._set_cfg(Config.EGRESS, probes.get_cfg(Config.EGRESS) & ~(1 << gen))
+    probes._set_cfg(Config.DNS_DROP_LABEL, probes.get_cfg(Config.DNS_DROP_LABEL) & ~(0xFF << (8 * gen)))
 
 
 def write_gen(probes: Any, gen: int, em: EgressMaps) -> None:
@@ -116,6 +118,9 @@ def write_gen(probes: Any, gen: int, em: EgressMaps) -> None:
         t[ctypes.c_uint((gen << 16) | slot)] = ctypes.c_ulonglong(bit)
     if em.on:
         probes._set_cfg(Config.EGRESS, probes.get_cfg(Config.EGRESS) | (1 << gen))
+    if em.dns_drop_label:
+        probes._set_cfg(Config.DNS_DROP_LABEL,
+                        probes.get_cfg(Config.DNS_DROP_LABEL) | ((em.dns_drop_label & 0xFF) << (8 * gen)))
 
 
 def set_slot(probes: Any, slot: int, bit: int | None) -> None:

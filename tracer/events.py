@@ -90,9 +90,10 @@ class Config(enum.IntEnum):
     EGRESS = 27
     DNS_STUB_PORT = 28
     UDP_INSPECT = 29
+    DNS_DROP_LABEL = 30
 
 
-CONFIG_MAX = 30
+CONFIG_MAX = 31
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
@@ -108,6 +109,7 @@ EGRESS_PROTO = 1 << 4
 DNS_STUB_NET = 0x7F350000
 DGRAM_CAP = 320
 DGRAM_FIRST = 4
+DGRAM_DROPPED = 1 << 0
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -230,7 +232,8 @@ LAYOUTS: dict[Kind, Layout] = {
     Kind.DATAGRAM: Layout(
         "datagram_event",
         HDR_FIELDS + (("cookie", "Q"), ("slot", "I"), ("len", "I"), ("family", "H"), ("dport", "H"),
-                      ("sport", "H"), ("captured", "H"), ("addr", "16s"), ("data", f"{DGRAM_CAP}s")),
+                      ("sport", "H"), ("captured", "H"), ("flags", "I"), ("_pad", "I"), ("addr", "16s"),
+                      ("data", f"{DGRAM_CAP}s")),
     ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
@@ -430,11 +433,11 @@ def _egress(v: tuple) -> dict[str, Any]:
 def _datagram(v: tuple) -> dict[str, Any]:
     from .datagram import describe
 
-    cookie, slot, length, fam, dport, sport, captured, raw, data = v[7:16]
+    cookie, slot, length, fam, dport, sport, captured, flags, _pad, raw, data = v[7:18]
     family, addr = _addr16(raw)
     r = {"type": "datagram", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
          "comm": _comm(v[6]), "cookie": cookie, "slot": slot, "len": length, "family": family, "addr": addr,
-         "port": dport, "sport": sport, "captured": captured}
+         "port": dport, "sport": sport, "captured": captured, "dropped": bool(flags & DGRAM_DROPPED)}
     r.update(describe(data[:captured], dport))
     return r
 
