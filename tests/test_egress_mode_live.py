@@ -327,6 +327,20 @@ sys.exit(0 if out == want + [{errno.EPERM}, {errno.EPERM}] else 13)
     assert {x["protocol"] for x in a} == {"udp", "tcp"} and all(x["addr"] == h.addr_b for x in a)
 
 
+def test_dig_through_the_redirect(tracer, net, eg_ep):
+    """dig (checks that the answer comes from the server it asked) to the
+    node's configured resolver, over UDP and TCP, in an episode."""
+    if not Path("/usr/bin/dig").exists():
+        pytest.skip("dig is not installed (scripts/install.sh installs bind9-dnsutils)")
+    res = run_in_episode(eg_ep, ["/bin/sh", "-c",
+                                 "for i in $(seq 100); do getent hosts allowed.test >/dev/null && break; sleep 0.1; done;"
+                                 " a=$(dig +short +time=5 +tries=1 allowed.test) && t=$(dig +tcp +short +time=5 allowed.test)"
+                                 " && n=$(dig +time=5 +tries=1 denied.test | grep -c 'status: REFUSED')"
+                                 f" && [ \"$a\" = {net.h.addr} ] && [ \"$t\" = {net.h.addr} ] && [ \"$n\" = 1 ]"],
+                         timeout=60)
+    assert res.exit_code == 0, res
+
+
 def test_system_resolver_tools_work(tracer, net, eg_ep):
     """curl with the system resolver (glibc, /etc/resolv.conf) in an episode."""
     if not Path("/usr/bin/curl").exists():
