@@ -253,6 +253,8 @@ struct wire_event {
 #define AT_EGRESS_DNS (1u << 2)      /* port 53 to a resolver that is not the node's */
 #define AT_EGRESS_LOCAL (1u << 3)    /* a loopback listener the episode does not own */
 #define AT_EGRESS_PROTO (1u << 4)    /* neither TCP nor UDP */
+#define AT_EGRESS_PACKET (1u << 5)   /* dropped in the packet path (raw or ICMP socket;
+					pid unknown there: the socket's cgroup is in the header) */
 
 /* the DNS stub listens on 127.53.0.0/16: episode slot S is redirected to
  * 127.53.(S >> 8).(S & 255), so the address a query arrives at names the

@@ -75,8 +75,87 @@ static __always_inline u32 dns_label_verdict(struct __sk_buff *skb, u32 q, u32 l
 	return 0;   /* more labels than a 255-byte name can hold */
 }
 
+/* episode slot of the cgroup the packet's socket was created in, or -1 */
+static __always_inline int skb_slot(struct __sk_buff *skb)
+{
+	u64 cg = bpf_skb_cgroup_id(skb);
+	u32 *slot = episode_cgroups.lookup(&cg);
+	if (slot)
+		return *slot;
+#if AT_EPISODE_LEVEL > 0
+	cg = bpf_skb_ancestor_cgroup_id(skb, AT_EPISODE_LEVEL);
+	if (cg) {
+		slot = episode_cgroups.lookup(&cg);
+		if (slot)
+			return *slot;
+	}
+	u64 root = cfg(AT_CFG_EPISODE_ROOT);
+	if (root && cg != root && bpf_skb_ancestor_cgroup_id(skb, AT_EPISODE_LEVEL - 1) == root)
+		return 0;
+#endif
+	return -1;
+}
+
+/* egress mode covers what the sock_addr programs never see: packets of raw
+ * sockets and of ICMP "ping" sockets (any socket neither TCP nor UDP) of an
+ * episode cgroup in egress mode are dropped here */
+static __always_inline int egress_other_proto(struct __sk_buff *skb)
+{
+	u32 gen = (u32)cfg(AT_CFG_GEN) & 1;
+	if (!(cfg(AT_CFG_EGRESS) & (1ULL << gen)))
+		return 1;
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1;
+	u32 proto = sk->protocol;
+	if (sk->type != 3 /* SOCK_RAW */ && (proto == IPPROTO_TCP || proto == IPPROTO_UDP))
+		return 1;
+	int slot = skb_slot(skb);
+	if (slot < 0)
+		return 1;
+	u32 k = (gen << 16) | ((u32)slot & 0xffff);
+	if (!egress_slot.lookup(&k))
+		return 1;
+	u32 would = cfg(AT_CFG_MONITOR) ? AT_EGRESS_WOULD : 0;
+	if (!would)
+		count(AT_CNT_EGRESS_DENIED);
+	struct egress_event *e = events.ringbuf_reserve(sizeof(struct egress_event));
+	if (e) {
+		__builtin_memset(&e->h, 0, sizeof(e->h));
+		e->h.ktime = bpf_ktime_get_ns();
+		e->h.cgroup_id = bpf_skb_cgroup_id(skb);
+		e->h.kind = AT_EV_EGRESS;
+		e->family = sk->family;
+		e->protocol = proto;
+		e->port = 0;
+		e->flags = AT_EGRESS_PROTO | AT_EGRESS_PACKET | would;
+		e->slot = (u32)slot;
+		e->_pad = 0;
+		__builtin_memset(e->addr, 0, 16);
+		/* the destination from the packet (an unconnected raw socket has none) */
+		if (skb->protocol == bpf_htons(0x0800)) {
+			u32 d = 0;
+			bpf_skb_load_bytes(skb, 16, &d, 4);
+			e->addr[10] = 0xff;
+			e->addr[11] = 0xff;
+			__builtin_memcpy(&e->addr[12], &d, 4);
+		} else if (skb->protocol == bpf_htons(0x86DD)) {
+			bpf_skb_load_bytes(skb, 24, e->addr, 16);
+		}
+		events.ringbuf_submit(e, 0);
+	} else {
+		count_lost(AT_EV_EGRESS);
+	}
+	return would ? 1 : 0;
+}
+
 int at_udp_egress(struct __sk_buff *skb)
 {
+	if (!egress_other_proto(skb))
+		return 0;
 	if (!cfg(AT_CFG_UDP_INSPECT))
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(skb);

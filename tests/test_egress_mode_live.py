@@ -511,3 +511,51 @@ sys.exit(0 if r == [0, 0] else 19)
     res = run_in_episode(plain_ep, [PY, "-c", "import socket\n" + code], timeout=60)
     assert res.exit_code == 0, res
     assert tracer.find(type="alert", episode=plain_ep, rule="eg-test") == []
+
+
+RAW_PING = """
+import socket, struct, sys, time, errno
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+def ping(addr):
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    r.settimeout(2)
+    body = struct.pack('!BBHHH', 8, 0, 0, 0x4154, 1) + b'agent-tracer'
+    pkt = body[:2] + struct.pack('!H', csum(body)) + body[4:]
+    try:
+        r.sendto(pkt, (addr, 0))
+    except OSError as e:
+        return e.errno
+    try:
+        while True:
+            data, src = r.recvfrom(2048)
+            if src[0] == addr and data[20] == 0:
+                return 0
+    except socket.timeout:
+        return 'timeout'
+deadline = time.monotonic() + 20
+res = ping(sys.argv[1])
+while sys.argv[2] == 'retry' and res != 0 and time.monotonic() < deadline:
+    time.sleep(0.1)  # not registered yet: held in egress mode until it is
+    res = ping(sys.argv[1])
+print(res)
+sys.exit(0 if res == (errno.EPERM if sys.argv[2] == 'once' else 0) else 23)
+"""
+
+
+def test_raw_and_icmp_sockets_dropped_in_egress_mode(tracer, net, eg_ep, plain_ep, tmp_path):
+    """What the sock_addr programs never see (a raw ICMP socket, root in the
+    episode) is dropped in the packet path in egress mode; an episode in no
+    profile pings the outside host."""
+    script = tmp_path / "ping.py"
+    script.write_text(WAIT_REGISTERED + RAW_PING)
+    res = run_in_episode(eg_ep, [PY, str(script), net.h.addr_b, "once"], timeout=60)
+    assert res.exit_code == 0, res
+    a = tracer.wait(type="alert", episode=eg_ep, rule="eg-test", reason="protocol")
+    assert a and a[0]["call"] == "packet" and a[0]["addr"] == net.h.addr_b and a[0]["enforced"]
+    script2 = tmp_path / "ping2.py"
+    script2.write_text(RAW_PING)
+    res = run_in_episode(plain_ep, [PY, str(script2), net.h.addr_b, "retry"], timeout=60)
+    assert res.exit_code == 0, res

@@ -265,6 +265,11 @@ class Tracker:
             elif t == "episode_end" and rec.get("episode"):
                 self._end(rec["episode"], rec.get("ts", 0.0), rec.get("reason", "exited"))
             return [rec]
+        if t == "egress" and not rec.get("pid"):
+            # refused in the packet path (raw/ICMP socket): no task there, the
+            # socket's cgroup names the episode
+            rec["episode"] = self.cgroups.by_cgroup.get(rec.get("cgroup"))
+            return [rec]
         if t in _FAST_TYPES and self.live and not self.pending:
             fast = self._observe_settled(rec, t)
             if fast is not None:

@@ -106,6 +106,7 @@ EGRESS_WOULD = 1 << 1
 EGRESS_DNS = 1 << 2
 EGRESS_LOCAL = 1 << 3
 EGRESS_PROTO = 1 << 4
+EGRESS_PACKET = 1 << 5
 DNS_STUB_NET = 0x7F350000
 DGRAM_CAP = 320
 DGRAM_FIRST = 4
@@ -421,12 +422,15 @@ def _addr16(raw: bytes) -> tuple[str, str]:
 def _egress(v: tuple) -> dict[str, Any]:
     fam, proto, port, flags, slot, _pad, raw = v[7:14]
     family, addr = _addr16(raw)
+    if fam == 10 and flags & EGRESS_PACKET:
+        family = "inet6"
     reason = ("dns" if flags & EGRESS_DNS else "local" if flags & EGRESS_LOCAL
               else "protocol" if flags & EGRESS_PROTO else "not-allowed")
     return {"type": "egress", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
             "comm": _comm(v[6]), "family": family, "addr": addr,
             "protocol": "tcp" if proto == socket.IPPROTO_TCP else "udp" if proto == socket.IPPROTO_UDP else str(proto),
-            "port": port, "call": "sendmsg" if flags & EGRESS_SENDMSG else "connect",
+            "port": port,
+            "call": "packet" if flags & EGRESS_PACKET else "sendmsg" if flags & EGRESS_SENDMSG else "connect",
             "would": bool(flags & EGRESS_WOULD), "reason": reason, "slot": slot}
 
 
