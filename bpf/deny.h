@@ -116,10 +116,28 @@ static __always_inline int deny_check(struct bpf_sock_addr *ctx, int v6, u32 use
 	return would ? 1 : 0;
 }
 
-/* wire_learn (bpf/wire.h): the flow of an episode's TCP connect, by cookie */
-int at_connect4(struct bpf_sock_addr *ctx) { return wire_learn(ctx) < 0 ? 0 : deny_check(ctx, 0, 0); }
-int at_connect6(struct bpf_sock_addr *ctx) { return wire_learn(ctx) < 0 ? 0 : deny_check(ctx, 1, 0); }
-int at_sendmsg4(struct bpf_sock_addr *ctx) { return deny_check(ctx, 0, AT_DENY_SENDMSG); }
-int at_sendmsg6(struct bpf_sock_addr *ctx) { return deny_check(ctx, 1, AT_DENY_SENDMSG); }
+/* egress mode (bpf/egress.h) first: it refuses, redirects DNS to the stub
+ * (the rewritten destination is the stub's: no deny rule and no wire
+ * inspection applies), or passes to the wire flow learning (wire_learn,
+ * bpf/wire.h: the flow of an episode's TCP connect, by cookie; a full flow
+ * map refuses the connect) and the deny rules; UDP sockets of episodes are
+ * noted for the datagram inspection (bpf/udp.h) */
+static __always_inline int sock_addr_check(struct bpf_sock_addr *ctx, int v6, u32 sendmsg)
+{
+	udp_note(ctx);
+	int eg = egress_check(ctx, v6, sendmsg);
+	if (eg == AT_EGRESS_REDIRECTED)
+		return 1;
+	if (eg != AT_EGRESS_PASS)
+		return 0;
+	if (!sendmsg && wire_learn(ctx) < 0)
+		return 0;
+	return deny_check(ctx, v6, sendmsg ? AT_DENY_SENDMSG : 0);
+}
+
+int at_connect4(struct bpf_sock_addr *ctx) { return sock_addr_check(ctx, 0, 0); }
+int at_connect6(struct bpf_sock_addr *ctx) { return sock_addr_check(ctx, 1, 0); }
+int at_sendmsg4(struct bpf_sock_addr *ctx) { return sock_addr_check(ctx, 0, 1); }
+int at_sendmsg6(struct bpf_sock_addr *ctx) { return sock_addr_check(ctx, 1, 1); }
 
 #endif

@@ -52,6 +52,10 @@ enum at_kind {
 	AT_EV_ESCAPE = 18,    /* a member of an episode was moved to a cgroup outside it
 				 (cgroup_attach_task): it stays a member */
 	AT_EV_UNIX_DENY = 22,  /* the cgroup unix-connect program refused a connect (bpf/nodesvc.h) */
+	AT_EV_EGRESS = 24,    /* egress mode refused (or, monitor, would refuse) a
+				 connect/sendmsg of an episode (bpf/egress.h) */
+	AT_EV_DATAGRAM = 25,  /* a UDP datagram of an episode socket to a non-loopback
+				 host, with its first bytes (bpf/udp.h, cgroup_skb) */
 	AT_EV_CGROUP_RMDIR = 28, /* a cgroup2 directory (level >= 2) was removed: after
 				    every record of the processes that ran in it */
 	AT_EV_KIND_MAX = 29,
@@ -128,6 +132,9 @@ enum at_counter {
 	AT_CNT_UNIX_DENIED = 16,  /* unix connects refused by a unix deny rule */
 	AT_CNT_UNIX_UNVERIFIED = 17, /* unix connects refused because the path could not be judged
 					(arguments not seen, relative path, '..') */
+	AT_CNT_EGRESS_DENIED = 18, /* connects/sendmsgs refused by egress mode */
+	AT_CNT_DNS_REDIRECTED = 19, /* episode DNS connects/sendmsgs sent to the stub */
+	AT_CNT_DATAGRAMS = 20,   /* datagram records sent (bpf/udp.h) */
 	AT_CNT_MAP_FULL = 22,     /* a kernel map update failed (full): tracked, exec_pending,
 				     gated, sock_pending, thread_clones (docs/scale.md); an
 				     in-scope exec or connect without its entry is held/denied */
@@ -167,7 +174,15 @@ enum at_config {
 	AT_CFG_EPISODE_RATE = 25, /* per-episode record rate limit: records/s in the low 32
 				     bits, burst above; 0: off (bpf/nodesvc.h) */
 	AT_CFG_UNIX_DENY = 26,   /* bit g: unix deny rules are loaded in generation g */
-	AT_CFG_MAX = 27,
+	AT_CFG_EGRESS = 27,      /* bit g: some episode slot is in egress mode in generation g */
+	AT_CFG_DNS_STUB_PORT = 28, /* UDP and TCP port of the tracer's DNS stub on
+				      127.53.0.0/16 (0: no stub: episode DNS in egress
+				      mode is refused) */
+	AT_CFG_UDP_INSPECT = 29, /* 1: the cgroup_skb program reports episode datagrams */
+	AT_CFG_DNS_DROP_LABEL = 30, /* byte g: an enforcing datagram rule kills DNS queries with
+				       a label of this many characters or more: the packet
+				       path drops them (0: off), in generation g */
+	AT_CFG_MAX = 31,
 };
 
 struct event_hdr {
@@ -345,6 +360,55 @@ struct unix_deny_event {
 	__u8 path[AT_UNIX_KEY_LEN];
 };
 
+/* egress_event.flags */
+#define AT_EGRESS_SENDMSG (1u << 0)  /* unconnected UDP sendmsg (else connect) */
+#define AT_EGRESS_WOULD (1u << 1)    /* monitor mode: not refused */
+#define AT_EGRESS_DNS (1u << 2)      /* port 53 to a resolver that is not the node's */
+#define AT_EGRESS_LOCAL (1u << 3)    /* a loopback listener the episode does not own */
+#define AT_EGRESS_PROTO (1u << 4)    /* neither TCP nor UDP */
+#define AT_EGRESS_PACKET (1u << 5)   /* dropped in the packet path (raw or ICMP socket;
+					pid unknown there: the socket's cgroup is in the header) */
+
+/* the DNS stub listens on 127.53.0.0/16: episode slot S is redirected to
+ * 127.53.(S >> 8).(S & 255), so the address a query arrives at names the
+ * episode whose allow map the answer goes into */
+#define AT_DNS_STUB_NET 0x7f350000   /* 127.53.0.0, host order */
+
+struct egress_event {
+	struct event_hdr h;
+	__u32 family;
+	__u32 protocol;
+	__u32 port;
+	__u32 flags;
+	__u32 slot;      /* episode slot of the caller */
+	__u32 _pad;
+	__u8 addr[16];
+};
+
+/* first bytes of a datagram kept (a DNS query name is at most 255 bytes
+ * after a 12-byte header; a QUIC long header is well within) */
+#define AT_DGRAM_CAP 320
+/* datagrams reported per socket to ports other than 53 (53: every one) */
+#define AT_DGRAM_FIRST 4
+
+struct datagram_event {
+	struct event_hdr h;   /* pid/comm: the last episode process that sent on the socket */
+	__u64 cookie;         /* socket cookie */
+	__u32 slot;
+	__u32 len;            /* UDP payload bytes */
+	__u16 family;
+	__u16 dport;
+	__u16 sport;
+	__u16 captured;
+	__u32 flags;          /* AT_DGRAM_DROPPED */
+	__u32 _pad;
+	__u8 addr[16];        /* destination */
+	__u8 data[AT_DGRAM_CAP];
+};
+
+/* datagram_event.flags */
+#define AT_DGRAM_DROPPED (1u << 0)   /* dropped in the packet path (AT_CFG_DNS_DROP_LABEL) */
+
 /* ---- keys of the policy maps (all carry the policy generation) ---- */
 
 /* a unix socket path in the unix_deny LPM trie: an exact path's prefix
@@ -370,6 +434,14 @@ struct lpm4_key {
 struct lpm6_key {
 	__u32 prefixlen; /* 32 (gen) + cidr bits */
 	__u32 gen;
+	__u8 addr[16];
+};
+
+/* egress_dyn: an address an episode slot may reach until the value (ktime
+ * ns): written by the DNS stub from answers. IPv4 as ::ffff:a.b.c.d */
+struct egress_dyn_key {
+	__u32 slot;
+	__u32 _pad;
 	__u8 addr[16];
 };
 

@@ -51,6 +51,8 @@
 #include "episodes.h"
 #include "sockets.h"
 #include "gpu.h"
+#include "egress.h"
+#include "udp.h"
 #include "wire.h"
 #include "membership.h"
 #include "deny.h"

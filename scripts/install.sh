@@ -23,7 +23,7 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 export DEBIAN_FRONTEND=noninteractive
 KREL=$(uname -r)
 RUNTIME_PKGS=(python3-bpfcc python3-venv python3-pip bpftool iproute2 kmod)
-TEST_PKGS=(openssh-server openssh-client socat ncat autossh sshuttle tmux bpftrace auditd gcc make git curl rsync httpie wget jq sqlite3)
+TEST_PKGS=(openssh-server openssh-client socat ncat autossh sshuttle tmux bpftrace auditd gcc make git curl rsync httpie wget jq sqlite3 bind9-dnsutils)
 PKGS=("${RUNTIME_PKGS[@]}")
 [ "${AGENT_TRACER_NO_TEST_TOOLS:-0}" = 1 ] || PKGS+=("${TEST_PKGS[@]}")
 

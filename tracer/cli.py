@@ -105,9 +105,14 @@ def main(verbose: int) -> None:
                    "excess records are dropped and counted as lost for that episode); 0 turns it off.")
 @click.option("--episode-burst", default=EPISODE_BURST, show_default=True, type=click.IntRange(1, 1 << 31),
               help="Burst of the per-episode rate limit (records).")
+@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR",
+              help="Egress mode: resolver the DNS stub forwards allowed names to (repeatable). "
+                   "Default: the nameservers of /etc/resolv.conf.")
+@click.option("--dns-ttl-grace", default=2.0, show_default=True, type=click.FloatRange(0, 300),
+              help="Egress mode: seconds an answered address stays allowed beyond the answer's TTL.")
 def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
         gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s, slot_start_gen,
-        episode_rate, episode_burst) -> None:
+        episode_rate, episode_burst, dns_upstreams, dns_ttl_grace) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
 
     \b
@@ -129,6 +134,7 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
         control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
         gpu_interval=gpu_interval, max_episodes=max_episodes, ended_keep=ended_keep, ended_keep_s=ended_keep_s,
         slot_start_gen=slot_start_gen, episode_rate=episode_rate, episode_burst=episode_burst,
+        dns_upstreams=list(dns_upstreams) or None, dns_ttl_grace=dns_ttl_grace,
     )
     rt = Runtime(opts)
     try:

@@ -158,6 +158,13 @@ def _selftest() -> list[Check]:
         for name, res in sorted(ready.get("hooks", {}).items()):
             out.append(Check(f"hook:{name}", "ok" if res == "ok" else "warn", res,
                              HOOK_FIX.get(name, "see the detail"), required=False))
+        progs = set(ready["programs"])
+        for name, what in (("cgroup:at_recvmsg4", "egress mode DNS redirect (recvmsg4/6 source rewrite)"),
+                           ("cgroup:at_post_bind4", "egress mode local listener owners (post_bind4/6)"),
+                           ("cgroup:at_udp_egress", "datagram inspection (cgroup_skb egress)")):
+            have = name in progs
+            out.append(Check(f"hook:{name.split(':', 1)[1]}", "ok" if have else "fail",
+                             f"{what}: {'attached' if have else 'not attached'}", FIX_INSTALL))
         for path, res in sorted(ready.get("selftest", {}).items()):
             out.append(Check(f"enforce:{path}", "ok" if res.startswith("ok") else "fail", res,
                              "see the detail; enforcement on this path is not claimed"))

@@ -293,6 +293,7 @@ class Engine:
         self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
         self.reloads = 0
         self.reload_failures = 0
+        from .egress_ctl import EgressControl
         from .nodesvc import ProcJudge
         from .policy import Holds
 
@@ -300,13 +301,16 @@ class Engine:
         # gated processes whose exec record did not come: judged from /proc
         # (gate_proc_grace 0: off, only the gate timeout decides)
         self.proc_judge = ProcJudge(grace_s=min(gate_proc_grace, gate_timeout / 4)) if gate_proc_grace > 0 else None
+        self.egress = EgressControl(self)  # egress mode, DNS stub, datagrams (tracer/egress_ctl.py)
 
     @classmethod
     def from_options(cls, opts) -> "Engine":
         paths = [Path(p) for p in opts.policy_dirs]
         policy = load_policy_or_raise(paths)
-        return cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default,
-                   getattr(opts, "gate_proc_grace", 0.5))
+        eng = cls(policy, paths, opts.monitor, opts.gate_timeout, opts.gate_default,
+                  getattr(opts, "gate_proc_grace", 0.5))
+        eng.egress.configure(getattr(opts, "dns_upstreams", None), getattr(opts, "dns_ttl_grace", None))
+        return eng
 
     @property
     def policy_version(self) -> str:
@@ -325,6 +329,7 @@ class Engine:
         from .gpu_allow import GpuAllow, GpuRights
 
         self.gpu_rights = GpuRights(GpuAllow.for_tracker(tracker), probes)
+        self.egress.attach(probes, tracker)
 
     def _slots(self) -> dict[int, str]:
         return {e.slot: e.id for e in self.tracker.episodes.values() if not e.ended}
@@ -333,6 +338,7 @@ class Engine:
         km = build_kernel_maps(self.policy.kernel_plan(), self._slots(), canary=canary, monitor=self.monitor)
         # the self-test proves the wire hold on its canary flow (monitor mode too)
         km.wire_hold = canary or (not self.monitor and wire_hold(self.policy))
+        km.egress = self.egress.kernel_maps(self._slots())
         self.probes.load_enforcement(km)
 
     def on_episode_slot(self, episode) -> None:
@@ -341,6 +347,7 @@ class Engine:
         plan = self.policy.kernel_plan()
         km = build_kernel_maps(plan, {episode.slot: episode.id})
         self.probes.set_slot_mask(episode.slot, km.slot_masks.get(episode.slot, 0))
+        self.egress.on_slot(episode)
 
     # --------------------------------------------------------------- process
     def process(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -354,6 +361,12 @@ class Engine:
         if t == "gate_race":
             self.gate_races += 1
             return []
+        if t in ("egress", "dns"):
+            return self.egress.alerts(rec)
+        if t == "datagram":
+            self.egress.judge.enrich(rec)
+        elif t == "episode_end":
+            self.egress.episode_ended(rec)
         if t == "exec" and rec.get("pid") in self.canary_pids:
             return []
         if t == "exit":
@@ -599,6 +612,7 @@ class Engine:
                 res["exec_kill"] = self._canary_exec(cg, Path(tmp), CANARY_KILL, expect="killed")
                 res["exec_gate"] = self._canary_exec(cg, Path(tmp), CANARY_GATE, expect="gated")
                 res["unix_connect_deny"] = self._canary_unix(cg)
+                res.update(self.egress.selftest(self._in_cgroup(cg)))
             from .flows import canary_wire
 
             res["wire_hold"] = canary_wire(self.probes, self._in_cgroup(cg))
@@ -729,6 +743,7 @@ class Engine:
         # episode processes; a process outside every episode (gated by a
         # scope = "all" rule) is continued: the tracer going away must not
         # kill the node's own processes
+        self.egress.close()
         if self.probes is None:
             return
         for pid in list(self.probes.gated()):
@@ -744,7 +759,7 @@ class Engine:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races,
                 "gates_judged_from_proc": self.proc_judge.judged if self.proc_judge else 0, "reloads": self.reloads,
                 "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
-                **(self.flows.stats() if self.flows is not None else {})}
+                **(self.flows.stats() if self.flows is not None else {}), **self.egress.stats()}
 
 
 def _proc_state(pid: int) -> str | None:

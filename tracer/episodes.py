@@ -32,8 +32,8 @@ from .slots import DEFAULT_MAX_EPISODES, SlotsExhausted, SlotTable
 
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
-     "unix_deny",
-     "protocol", "escape"}
+    "unix_deny",
+    "protocol", "escape", "egress", "datagram"}
 )
 
 # an episode cgroup found gone by a directory scan ends only this long after
@@ -47,7 +47,8 @@ REFUSED_MEMORY = 4096
 
 # kinds that neither create, change nor end a process (listen is not here: it
 # may read the socket's local address from /proc)
-_FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol"})
+_FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny", "gate_race", "protocol",
+                         "egress", "datagram"})
 
 
 @dataclass
@@ -330,6 +331,11 @@ class Tracker:
                             rec.get("cgroup_path"), rec.get("root_pid"))
             elif t == "episode_end" and rec.get("episode"):
                 self._end(rec["episode"], rec.get("ts", 0.0), rec.get("reason", "exited"))
+            return [rec]
+        if t == "egress" and not rec.get("pid"):
+            # refused in the packet path (raw/ICMP socket): no task there, the
+            # socket's cgroup names the episode
+            rec["episode"] = self.cgroups.by_cgroup.get(rec.get("cgroup"))
             return [rec]
         if t in _FAST_TYPES and self.live and not self.pending:
             fast = self._observe_settled(rec, t)

@@ -31,6 +31,8 @@ class Kind(enum.IntEnum):
     CGROUP_MKDIR = 13  # a cgroup2 directory below the top level was made (cgroup_event)
     ESCAPE = 18  # an episode member was moved to a cgroup outside its episode (escape_event)
     UNIX_DENY = 22  # the cgroup unix-connect program refused a connect (unix_deny_event)
+    EGRESS = 24  # egress mode refused (monitor: would refuse) a connect/sendmsg (egress_event)
+    DATAGRAM = 25  # first bytes of an episode's UDP datagram to a non-loopback host (datagram_event)
     CGROUP_RMDIR = 28  # ... was removed, after every record of what ran in it (cgroup_event)
 
     @property
@@ -94,6 +96,9 @@ class Counter(enum.IntEnum):
     RATE_DROPPED = 14  # records dropped by the per-episode rate limit
     UNIX_DENIED = 16  # unix connects refused by a unix deny rule
     UNIX_UNVERIFIED = 17  # unix connects refused: path not judgeable (no args, relative, '..')
+    EGRESS_DENIED = 18
+    DNS_REDIRECTED = 19
+    DATAGRAMS = 20
     MAP_FULL = 22
     SLOT_STALE = 23
 
@@ -122,14 +127,30 @@ class Config(enum.IntEnum):
     GPU_OPEN_KILL = 21
     EPISODE_RATE = 25  # per-episode record rate: records/s | burst << 32; 0 off
     UNIX_DENY = 26  # bit g: unix deny rules loaded in generation g
+    EGRESS = 27
+    DNS_STUB_PORT = 28
+    UDP_INSPECT = 29
+    DNS_DROP_LABEL = 30
 
 
-CONFIG_MAX = 27
+CONFIG_MAX = 31
 
 # deny_event.user_type, and the canary's deny rule bit (bpf/events.h)
 DENY_SENDMSG = 1 << 0
 DENY_WOULD = 1 << 1
 RULE_CANARY = 63
+
+# egress_event.flags, the DNS stub's network, datagram capture (bpf/events.h)
+EGRESS_SENDMSG = 1 << 0
+EGRESS_WOULD = 1 << 1
+EGRESS_DNS = 1 << 2
+EGRESS_LOCAL = 1 << 3
+EGRESS_PROTO = 1 << 4
+EGRESS_PACKET = 1 << 5
+DNS_STUB_NET = 0x7F350000
+DGRAM_CAP = 320
+DGRAM_FIRST = 4
+DGRAM_DROPPED = 1 << 0
 
 # sizes from bpf/events.h (checked by tests/test_layout.py)
 COMM_LEN = 16
@@ -267,6 +288,17 @@ LAYOUTS: dict[Kind, Layout] = {
         "unix_deny_event",
         HDR_FIELDS + (("rules", "Q"), ("flags", "I"), ("pathlen", "I"), ("path", f"{UNIX_KEY_LEN}s")),
     ),
+    Kind.EGRESS: Layout(
+        "egress_event",
+        HDR_FIELDS + (("family", "I"), ("protocol", "I"), ("port", "I"), ("flags", "I"), ("slot", "I"),
+                      ("_pad", "I"), ("addr", "16s")),
+    ),
+    Kind.DATAGRAM: Layout(
+        "datagram_event",
+        HDR_FIELDS + (("cookie", "Q"), ("slot", "I"), ("len", "I"), ("family", "H"), ("dport", "H"),
+                      ("sport", "H"), ("captured", "H"), ("flags", "I"), ("_pad", "I"), ("addr", "16s"),
+                      ("data", f"{DGRAM_CAP}s")),
+    ),
 }
 LAYOUTS[Kind.BIND] = LAYOUTS[Kind.CONNECT]
 LAYOUTS[Kind.CGROUP_RMDIR] = LAYOUTS[Kind.CGROUP_MKDIR]
@@ -278,6 +310,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
     "flow_verdict": Layout("flow_verdict", (("upto", "I"), ("flags", "I"))),
     "unix_path_key": Layout("unix_path_key", (("prefixlen", "I"), ("gen", "I"), ("path", f"{UNIX_KEY_LEN}s"))),
+    "egress_dyn_key": Layout("egress_dyn_key", (("slot", "I"), ("_pad", "I"), ("addr", "16s"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
     ),
@@ -489,6 +522,41 @@ def _unix_deny(v: tuple) -> dict[str, Any]:
             "unverified": reason, "would": bool(flags & UNIX_WOULD)}
 
 
+def _addr16(raw: bytes) -> tuple[str, str]:
+    """(family, address) of a 16-byte address, IPv4 as ::ffff:a.b.c.d."""
+    a = ipaddress.IPv6Address(raw)
+    if a.ipv4_mapped is not None:
+        return "inet", str(a.ipv4_mapped)
+    return "inet6", str(a)
+
+
+def _egress(v: tuple) -> dict[str, Any]:
+    fam, proto, port, flags, slot, _pad, raw = v[7:14]
+    family, addr = _addr16(raw)
+    if fam == 10 and flags & EGRESS_PACKET:
+        family = "inet6"
+    reason = ("dns" if flags & EGRESS_DNS else "local" if flags & EGRESS_LOCAL
+              else "protocol" if flags & EGRESS_PROTO else "not-allowed")
+    return {"type": "egress", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+            "comm": _comm(v[6]), "family": family, "addr": addr,
+            "protocol": "tcp" if proto == socket.IPPROTO_TCP else "udp" if proto == socket.IPPROTO_UDP else str(proto),
+            "port": port,
+            "call": "packet" if flags & EGRESS_PACKET else "sendmsg" if flags & EGRESS_SENDMSG else "connect",
+            "would": bool(flags & EGRESS_WOULD), "reason": reason, "slot": slot}
+
+
+def _datagram(v: tuple) -> dict[str, Any]:
+    from .datagram import describe
+
+    cookie, slot, length, fam, dport, sport, captured, flags, _pad, raw, data = v[7:18]
+    family, addr = _addr16(raw)
+    r = {"type": "datagram", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+         "comm": _comm(v[6]), "cookie": cookie, "slot": slot, "len": length, "family": family, "addr": addr,
+         "port": dport, "sport": sport, "captured": captured, "dropped": bool(flags & DGRAM_DROPPED)}
+    r.update(describe(data[:captured], dport))
+    return r
+
+
 _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = {
     Kind.FORK: (_STRUCTS[Kind.FORK], _fork),
     Kind.EXEC: (_STRUCTS[Kind.EXEC], _exec),
@@ -506,6 +574,8 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[[tuple], dict[str, Any]]]] = 
     Kind.CGROUP_RMDIR: (_STRUCTS[Kind.CGROUP_MKDIR], _cgroup_rmdir),
     Kind.ESCAPE: (_STRUCTS[Kind.ESCAPE], _escape),
     Kind.UNIX_DENY: (_STRUCTS[Kind.UNIX_DENY], _unix_deny),
+    Kind.EGRESS: (_STRUCTS[Kind.EGRESS], _egress),
+    Kind.DATAGRAM: (_STRUCTS[Kind.DATAGRAM], _datagram),
 }
 # by plain int as well: the kind read from a record is an int, and an int key
 # hashes the same but compares faster than through IntEnum

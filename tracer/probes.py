@@ -36,6 +36,15 @@ WIRE_PROGS = {
     "at_wire_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
     "at_wire_release": ("CGROUP_SOCK", "CGROUP_INET_SOCK_RELEASE"),
 }
+# egress mode and datagram inspection (bpf/egress.h, bpf/udp.h): program ->
+# (bcc program type attribute, attach type), attached like the sock_addr ones
+EGRESS_PROGS = {
+    "at_recvmsg4": ("CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    "at_recvmsg6": ("CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
+    "at_post_bind4": ("CGROUP_SOCK", "CGROUP_INET4_POST_BIND"),
+    "at_post_bind6": ("CGROUP_SOCK", "CGROUP_INET6_POST_BIND"),
+    "at_udp_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
+}
 BPF_F_ALLOW_MULTI = 2
 # enum bpf_attach_type BPF_CGROUP_UNIX_CONNECT (kernel 6.7+); bcc 0.26 has no
 # name for it, the kernel takes the number
@@ -249,6 +258,11 @@ class Probes:
                 fn = self.bpf.load_func(fn_name, BPF.CGROUP_SOCK_ADDR, attach_type=at)
                 BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
                 self._sock_attached.append((fn, self._cg_root_fd, at))
+            for fn_name, (prog_type, type_name) in EGRESS_PROGS.items():
+                at = getattr(attach_types, type_name)
+                fn = self.bpf.load_func(fn_name, getattr(BPF, prog_type), attach_type=at)
+                BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
+                self._sock_attached.append((fn, self._cg_root_fd, at))
         except Exception as e:
             self._detach_sock_addr()
             raise ProbeError(f"attaching cgroup sock_addr programs failed: {e}") from e
@@ -317,7 +331,7 @@ class Probes:
 
     def attached_programs(self) -> list[str]:
         tps = [f"tracepoint:{k}" for k in sorted(self._tracepoints())]
-        socks = [f"cgroup:{n}" for n in SOCK_ADDR_PROGS if self._sock_attached]
+        socks = [f"cgroup:{n}" for n in (*SOCK_ADDR_PROGS, *EGRESS_PROGS) if self._sock_attached]
         if self._unix_attached:
             socks.append(f"cgroup:{UNIX_CONNECT_PROG}")
         return tps + socks + [f"cgroup:{n}" for n in self.wire_attached]
@@ -591,6 +605,9 @@ class Probes:
         t = self.bpf["slot_mask"]
         for k in [k for k in t.keys() if (k.value >> 24) == gen]:
             del t[k]
+        from .egress_maps import clear_gen as egress_clear_gen
+
+        egress_clear_gen(self, gen)
         for word in (Config.GATE_ALL, Config.GATE_ALL_GLOBAL, Config.WIRE_HOLD, Config.GPU_OPEN_KILL,
                      Config.UNIX_DENY):
             self._set_cfg(word, self.get_cfg(word) & ~(1 << gen))
@@ -644,6 +661,10 @@ class Probes:
         self._set_cfg(Config(Config.TCP0 + gen), plan.tcp_mask)
         self._set_cfg(Config(Config.UDP0 + gen), plan.udp_mask)
         self._set_cfg(Config(Config.EXC_ANYPORT0 + gen), plan.exc_anyport_mask)
+        if plan.egress is not None:
+            from .egress_maps import write_gen as egress_write_gen
+
+            egress_write_gen(self, gen, plan.egress)
 
     def set_slot_mask(self, slot: int, mask: int) -> None:
         gen = self.active_gen()
@@ -703,3 +724,4 @@ class KernelMaps:
     tcp_mask: int = 0
     udp_mask: int = 0
     exc_anyport_mask: int = 0
+    egress: "object | None" = None  # tracer.egress_maps.EgressMaps (egress mode), None: none

@@ -61,6 +61,8 @@ class RunOptions:
     unix_connect_hook: bool = True  # attach the cgroup unix-connect program where the kernel has it
     episode_rate: int = EPISODE_RATE  # per-episode record rate limit in the kernel (records/s; 0: off)
     episode_burst: int = EPISODE_BURST
+    dns_upstreams: list[str] | None = None  # egress mode's DNS stub forwards here (None: /etc/resolv.conf)
+    dns_ttl_grace: float = 2.0  # seconds an answered address stays allowed beyond its TTL
 
 
 class Runtime:
@@ -118,6 +120,7 @@ class Runtime:
             engine.attach(self.probes, self.tracker, self.pipeline)
             engine.flows = self.flows
             engine.load_kernel()
+            self.add_poll_hook(engine.egress.drain_into(self.pipeline.handle))
         now = time.time()
         for r in self.tracker.seed(now):
             self.pipeline.emit(r)

@@ -65,7 +65,12 @@ def check(paths_: tuple[Path, ...], strict: bool, show_plan: bool, show_lists: b
     result = load_policy(targets)
     for d in result.errors:
         click.echo(f"error: {d}")
-    for d in result.warnings:
+    warnings = list(result.warnings)
+    if result.policy is not None:
+        from .egress import posture_warnings
+
+        warnings += posture_warnings(result.policy)  # egress mode (docs/policies.md)
+    for d in warnings:
         click.echo(f"warning: {d}")
     if result.policy is not None and show_plan:
         for line in format_plan(result.policy.kernel_plan()):
@@ -78,7 +83,7 @@ def check(paths_: tuple[Path, ...], strict: bool, show_plan: bool, show_lists: b
         click.echo(f"policy version: {result.policy.version}")
     click.echo(
         f"{result.rule_count} rules in {len(result.files)} files, "
-        f"{len(result.errors)} errors, {len(result.warnings)} warnings"
+        f"{len(result.errors)} errors, {len(warnings)} warnings"
     )
-    if result.errors or (strict and result.warnings):
+    if result.errors or (strict and warnings):
         raise SystemExit(1)

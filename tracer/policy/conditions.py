@@ -512,6 +512,25 @@ FIELDS: dict[Kind, dict[str, FieldDef]] = {
             FieldDef("via", FType.STR, _ev("via")),
         ),
     },
+    Kind.DATAGRAM: {  # tracer/datagram.py: what the first bytes are, and per-episode DNS rates
+        **_COMMON,
+        **_defs(
+            _FAMILY,
+            _ADDR,
+            _PORT,
+            FieldDef("app", FType.STR, _ev("app")),
+            FieldDef("len", FType.NUM, _ev("len")),
+            FieldDef("quic_version", FType.STR, _ev("quic_version")),
+            FieldDef("dns_qname", FType.STR, _ev("dns_qname")),
+            FieldDef("dns_qtype", FType.STR, _ev("dns_qtype")),
+            FieldDef("dns_label_max", FType.NUM, _ev("dns_label_max")),
+            FieldDef("dns_sub_len", FType.NUM, _ev("dns_sub_len")),
+            FieldDef("dns_entropy", FType.NUM, _ev("dns_entropy")),
+            FieldDef("dns_resolver", FType.STR, _ev("dns_resolver")),
+            FieldDef("dns_type_rate", FType.NUM, _ev("dns_type_rate")),
+            FieldDef("dns_unique_sub", FType.NUM, _ev("dns_unique_sub")),
+        ),
+    },
 }
 
 ALL_FIELDS: frozenset[str] = frozenset(name for defs in FIELDS.values() for name in defs)

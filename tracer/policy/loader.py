@@ -29,7 +29,7 @@ RULE_KEYS = (
     "name", "description", "severity", "on", "match", "except", "action", "scope", "enabled", "tags", "for_s",
 )
 REQUIRED_RULE_KEYS = ("name", "on", "severity", "action")
-TOP_KEYS = ("lists", "macros", "override", "rule")
+TOP_KEYS = ("lists", "macros", "override", "rule", "egress")
 LIST_TABLE_KEYS = ("file", "items")
 OVERRIDE_KEYS = {
     "list": ("list", "append", "remove"),
@@ -167,6 +167,8 @@ class Loader:
         self.broken_macros: set[str] = set()
         self.raw_rules: list[RawItem] = []
         self.overrides: list[RawItem] = []
+        self.raw_egress: list[RawItem] = []  # [[egress]] (tracer/policy/egress.py)
+        self.egress: tuple = ()
         self.rule_names: dict[str, Loc] = {}
         self.builds: dict[str, RuleBuild] = {}
         self.used_lists: set[str] = set()
@@ -243,6 +245,7 @@ class Loader:
         self._read_macros(display, data.get("macros"))
         self.raw_rules.extend(self._array_of_tables(display, data, "rule", "[[rule]]"))
         self.overrides.extend(self._array_of_tables(display, data, "override", "[[override]]"))
+        self.raw_egress.extend(self._array_of_tables(display, data, "egress", "[[egress]]"))
 
     def _array_of_tables(self, display: str, data: dict[str, Any], key: str, syntax: str) -> list[RawItem]:
         raw = data.get(key)
@@ -773,6 +776,11 @@ class Loader:
                         f"more than {MAX_DENY_RULES} enabled connect deny rules; the kernel holds {MAX_DENY_RULES}",
                     )
 
+    def compile_egress(self) -> None:
+        from .egress import compile_profiles
+
+        self.egress = compile_profiles(self, self.raw_egress)
+
     def check_unused(self) -> None:
         lists = [ld for name, ld in self.lists.items() if name not in self.used_lists]
         macros = [md for name, md in self.macros.items() if name not in self.used_macros]
@@ -867,7 +875,8 @@ class Loader:
         if errors:
             return LoadResult(None, errors, warnings, tuple(self.toml_files), count)
         rules = tuple(b.freeze() for b in self.builds.values())
-        policy = Policy(rules=rules, version=policy_version(self.files), files=tuple(self.toml_files))
+        policy = Policy(rules=rules, version=policy_version(self.files), files=tuple(self.toml_files),
+                        egress=self.egress)
         return LoadResult(policy, errors, warnings, tuple(self.toml_files), count, self.list_readers())
 
 
@@ -902,6 +911,7 @@ def load_policy(paths: Iterable[Path | str]) -> LoadResult:
     loader.compile_rules()
     loader.apply_rule_overrides()
     loader.check_deny()
+    loader.compile_egress()
     loader.check_unused()
     loader.check_same_concept()
     return loader.result()

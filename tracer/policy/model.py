@@ -55,6 +55,7 @@ class Kind(str, Enum):
     RELAY = "relay"  # the reverse-tunnel shape (tracer/relay.py)
     GPU_BUDGET = "gpu_budget"  # windowed GPU use of an episode's processes without the GPU right
     ESCAPE = "escape"  # an episode member moved to a cgroup outside its episode (tracer/membership.py)
+    DATAGRAM = "datagram"  # an episode's UDP datagram to an outside host (bpf/udp.h, tracer/datagram.py)
 
 
 class Scope(str, Enum):

@@ -22,6 +22,7 @@ class Policy:
     rules: tuple[Rule, ...]
     version: str
     files: tuple[str, ...] = ()
+    egress: tuple[Any, ...] = ()  # EgressProfile (tracer/policy/egress.py), file order
     _enabled: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
     _plan: KernelPlan = field(init=False, repr=False, compare=False)
 
