@@ -217,6 +217,7 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "matched": verdict.matched,
         "description": verdict.description,
         "policy_version": policy_version,
+        "tags": list(getattr(verdict, "tags", ()) or ()),
     }
     for k in ("addr", "port", "family", "path", "protocol", "sni", "call", "matched_bytes", "matched_offset",
               "local_addr", "local_port", "listener_exe"):
@@ -248,6 +249,7 @@ class Engine:
         self.selftest_result: dict[str, str] = {}
         self.reloads = 0
         self.reload_failures = 0
+        self.hold_observers: list = []  # fn(kind, rec) when a held exec or first write got its verdict (metrics)
         from .policy import Holds
 
         self.holds = Holds()
@@ -321,8 +323,13 @@ class Engine:
         if t == "exec" and rec.get("gated") and not rec.get("killed_in_kernel"):
             if not enforcing_verdict:
                 self._continue(rec["pid"])
-        elif t == "protocol" and rec.get("held") and not enforcing_verdict:
-            self._continue(rec["pid"])
+            for h in self.hold_observers:
+                h(t, rec)
+        elif t == "protocol" and rec.get("held"):
+            if not enforcing_verdict:
+                self._continue(rec["pid"])
+            for h in self.hold_observers:
+                h(t, rec)
         return out
 
     def _continue(self, pid: int) -> None:
@@ -409,14 +416,15 @@ class Engine:
     def request_reload(self) -> None:
         self._reload_requested = True
 
-    def _policy_mtimes(self) -> dict[str, float]:
+    def _policy_mtimes(self) -> dict[str, tuple[int, int]]:
         out = {}
         for p in self.policy_paths:
             p = Path(p)
             files = sorted(p.glob("*")) if p.is_dir() else [p]
             for f in files:
                 try:
-                    out[str(f)] = f.stat().st_mtime_ns
+                    st = f.stat()  # follows symlinks: a ConfigMap's ..data swap changes the inode
+                    out[str(f)] = (st.st_ino, st.st_mtime_ns)
                 except OSError:
                     pass
         return out
