@@ -52,6 +52,8 @@ class Metrics:
         self.gate_hold = Histogram(p + "gate_hold_seconds",
                                    "Time a gated exec or held first write waited for its verdict (kernel stop "
                                    "to user-space decision)", ["kind"], buckets=HOLD_BUCKETS, registry=r)
+        for k in ("exec", "first_write"):
+            self.gate_hold.labels(k)
         self.gate_timeouts = Counter(p + "gate_timeouts", "Gated execs whose verdict did not come in time",
                                      ["verdict"], registry=r)
         self.reloads = Counter(p + "policy_reloads", "Policy reloads by result", ["result"], registry=r)
@@ -125,6 +127,21 @@ class Metrics:
             self.gate_timeouts.labels(rec.get("verdict") or "").inc()
         elif t == "gpu_node":
             self._gpus(rec.get("gpus") or [])
+
+    def init_policy(self, policy) -> None:
+        """Every (rule, severity, action, enforced) of the loaded policy
+        starts at 0, so the first alert is an increase Prometheus can see
+        (a counter that appears at 1 has no increase)."""
+        for r in getattr(policy, "rules", ()):
+            if not getattr(r, "enabled", True):
+                continue
+            sev, act = getattr(r.severity, "value", r.severity), getattr(r.action, "value", r.action)
+            for enforced in ("true", "false"):
+                self.alerts.labels(r.name, sev, act, enforced)
+
+    def init_kinds(self, kinds) -> None:
+        for k in kinds:
+            self.lost.labels(k)
 
     def observe_hold(self, kind: str, rec: dict[str, Any]) -> None:
         """A gated exec or held write got its verdict now (engine hook)."""

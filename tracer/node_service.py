@@ -54,9 +54,17 @@ class NodeService:
             self.metrics = Metrics(output_stats=self.output_stats)
             host, port = opts.metrics_listen
             self.server = MetricsServer(self.metrics, host, port).start()
-            eng = self.rt.pipeline.engine if self.rt.pipeline else None
-            if eng is not None and hasattr(eng, "hold_observers"):
-                eng.hold_observers.append(self.metrics.observe_hold)
+            from .events import Kind
+
+            self.metrics.init_kinds(k.record_type for k in Kind)
+            eng = self._engine()
+            if eng is not None:
+                self.metrics.init_policy(eng.policy)
+                if hasattr(eng, "hold_observers"):
+                    eng.hold_observers.append(self.metrics.observe_hold)
+
+    def _engine(self):
+        return self.rt.pipeline.engine if self.rt.pipeline is not None else None
 
     def ready_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -82,6 +90,8 @@ class NodeService:
                 o.offer(rec)
         elif t == "ready":
             self.notifier.ready(self._status_line())
+        elif t == "policy_reload" and self.metrics is not None and self._engine() is not None:
+            self.metrics.init_policy(self._engine().policy)
 
     def _status_line(self) -> str:
         rt = self.rt
