@@ -73,69 +73,147 @@ def main(verbose: int) -> None:
 
 
 # ---------------------------------------------------------------------- run
+# every option's default is None: only the flags given override the config
+# files (tracer/config.py has the defaults and says where each value came from)
+def _run_options(f):
+    opts = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Config file (its directory's config.d/*.toml load after it). "
+                          "Default: /etc/agent-tracer/config.toml when it exists."),
+        click.option("--log", "log", default=None, metavar="PATH|-",
+                     help="Write JSONL records here ('-' is stdout). Default: stdout when --no-dashboard "
+                          "or stdout is not a terminal, else none."),
+        click.option("--log-max-bytes", type=click.IntRange(0), default=None,
+                     help="Rotate the log when it reaches this size (0: never). [default: 0]"),
+        click.option("--log-keep", type=click.IntRange(1, 1000), default=None,
+                     help="Rotated log files kept (PATH.1 .. PATH.N). [default: 5]"),
+        click.option("--policy-dir", "policy_dirs", multiple=True,
+                     type=click.Path(exists=True, path_type=Path),
+                     help=f"Policy file or directory (repeatable). Default: {POLICY_DIR}"),
+        click.option("--site-policy-dir", default=None, metavar="DIR",
+                     help="Site policies loaded after the policy dirs when DIR exists ('' off). "
+                          "[default: /etc/agent-tracer/policies.d]"),
+        click.option("--all", "scope_all", is_flag=True, default=None,
+                     help="Trace every process, not only episode processes (scope = all)."),
+        click.option("--scope", type=click.Choice(["episodes", "all"]), default=None,
+                     help="episodes: only episode processes emit; all: every process. [default: episodes]"),
+        click.option("--monitor/--enforce", "monitor", default=None,
+                     help="Monitor mode: deny or kill nothing; alerts say what would have been done."),
+        click.option("--no-dashboard", is_flag=True, help="Do not show the live view in this terminal."),
+        click.option("--ringbuf-pages", type=click.IntRange(1, 1 << 18), default=None,
+                     help="Ring buffer size in 4 KiB pages (power of two). [default: 2048]"),
+        click.option("--control-socket", default=None, metavar="PATH",
+                     help=f"Control socket for top and episode commands ('' off). [default: {CONTROL_SOCKET}]"),
+        click.option("--gate-timeout", type=click.FloatRange(0.05, 60), default=None,
+                     help="Seconds a gated exec may wait for its verdict. [default: 2.0]"),
+        click.option("--gate-default", type=click.Choice(["kill", "allow"]), default=None,
+                     help="Verdict for an episode's gated exec whose decision timed out (outside episodes: "
+                          "always allow). [default: kill]"),
+        click.option("--gpu-interval", type=click.FloatRange(0, 3600), default=None,
+                     help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off. [default: 1.0]"),
+        click.option("--relay-interval", type=click.FloatRange(0, 3600), default=None,
+                     help="Seconds between reverse-tunnel shape scans; 0: off. [default: 2.0]"),
+        click.option("--relay-min-age", type=click.FloatRange(0, 3600), default=None,
+                     help="Seconds both legs of a relay must have been seen. [default: 5.0]"),
+        click.option("--stats-interval", type=click.FloatRange(0.1, 3600), default=None,
+                     help="Seconds between stats records. [default: 1.0]"),
+        click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+                     help="Serve Prometheus /metrics and /healthz here ('' off). [default: off]"),
+        click.option("--verdict-dir", default=None, metavar="DIR",
+                     help="Per-episode verdict files ('' off). [default: /run/agent-tracer/verdicts]"),
+        click.option("--verdict-retention", type=click.FloatRange(0), default=None,
+                     help="Seconds a finished episode's verdict file is kept (0: forever). [default: 86400]"),
+        click.option("--gate-proc-grace", type=click.FloatRange(0, 60), default=None,
+                     help="Seconds after which a held exec whose record has not come is judged from /proc "
+                          "(0: off). [default: 0.5]"),
+        click.option("--wire-timeout", type=click.FloatRange(0.1, 60), default=None,
+                     help="Seconds an undecided episode flow may stay held before it is denied. [default: 3.0]"),
+        click.option("--max-episodes", type=click.IntRange(1, 8190), default=None,
+                     help="Concurrent episodes with a kernel identity; a new one beyond is refused "
+                          "(docs/scale.md). [default: 4096]"),
+        click.option("--ended-keep", type=click.IntRange(0, 1_000_000), default=None,
+                     help="Ended episodes the live view (top, episode list) keeps. [default: 200]"),
+        click.option("--ended-keep-s", type=click.FloatRange(0, 7 * 86400), default=None,
+                     help="Seconds an ended episode stays in the live view. [default: 600]"),
+        click.option("--slot-start-gen", default=0, type=click.IntRange(0, 2047), hidden=True,
+                     help="First generation of every episode identity (tests and bench: cross the wrap quickly)."),
+        click.option("--episode-rate", type=click.IntRange(0, 1 << 31), default=None,
+                     help="Records per second one episode may send (a kernel token bucket per episode; excess "
+                          f"records are dropped and counted as lost for that episode); 0: off. [default: {EPISODE_RATE}]"),
+        click.option("--episode-burst", type=click.IntRange(1, 1 << 31), default=None,
+                     help=f"Burst of the per-episode rate limit (records). [default: {EPISODE_BURST}]"),
+        click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR",
+                     help="Egress mode: resolver the DNS stub forwards allowed names to (repeatable). "
+                          "[default: the nameservers of /etc/resolv.conf]"),
+        click.option("--dns-ttl-grace", type=click.FloatRange(0, 300), default=None,
+                     help="Egress mode: seconds an answered address stays allowed beyond its TTL. [default: 2.0]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_FLAG_KEYS = ("log", "log_max_bytes", "log_keep", "site_policy_dir", "monitor", "ringbuf_pages", "control_socket",
+              "gate_timeout", "gate_default", "gpu_interval", "relay_interval", "relay_min_age", "stats_interval",
+              "metrics_listen", "verdict_dir", "verdict_retention", "gate_proc_grace", "wire_timeout",
+              "max_episodes", "ended_keep", "ended_keep_s", "episode_rate", "episode_burst", "dns_ttl_grace")
+
+
+def _flags(kw: dict) -> dict:
+    """The config keys the command line set (None: not given)."""
+    flags = {k: kw[k] for k in _FLAG_KEYS if kw.get(k) is not None}
+    if kw.get("policy_dirs"):
+        flags["policy_dirs"] = [str(p) for p in kw["policy_dirs"]]
+    if kw.get("dns_upstreams"):
+        flags["dns_upstreams"] = list(kw["dns_upstreams"])
+    if kw.get("scope_all"):
+        flags["scope"] = "all"
+    elif kw.get("scope"):
+        flags["scope"] = kw["scope"]
+    return flags
+
+
+def _load_config(config_path, flags):
+    from .config import ConfigError, load
+
+    try:
+        return load(config_path, flags)
+    except ConfigError as e:
+        click.echo(f"agent-tracer: {e}", err=True)
+        sys.exit(1)
+
+
 @main.command()
-@click.option("--log", "log_path", default=None, metavar="PATH|-",
-              help="Write JSONL records here ('-' is stdout). Default: stdout when --no-dashboard "
-                   "or stdout is not a terminal, else none.")
-@click.option("--policy-dir", "policy_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help=f"Policy file or directory (repeatable). Default: {POLICY_DIR}")
-@click.option("--all", "scope_all", is_flag=True, help="Trace every process, not only episode processes.")
-@click.option("--monitor", is_flag=True,
-              help="Monitor mode: deny or kill nothing; alerts say what would have been done.")
-@click.option("--no-dashboard", is_flag=True, help="Do not show the live view in this terminal.")
-@click.option("--ringbuf-pages", default=2048, show_default=True, type=click.IntRange(1, 1 << 18),
-              help="Ring buffer size in 4 KiB pages (power of two).")
-@click.option("--control-socket", type=click.Path(path_type=Path), default=CONTROL_SOCKET, show_default=True)
-@click.option("--gate-timeout", default=2.0, show_default=True, type=click.FloatRange(0.05, 60),
-              help="Seconds a gated exec may wait for its verdict.")
-@click.option("--gate-default", type=click.Choice(["kill", "allow"]), default="kill", show_default=True,
-              help="Verdict for an episode's gated exec whose decision timed out (outside episodes: always allow).")
-@click.option("--gpu-interval", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="Seconds between GPU watcher samples (NVML); 0 turns GPU watching off.")
-@click.option("--max-episodes", default=4096, show_default=True, type=click.IntRange(1, 8190),
-              help="Concurrent episodes with a kernel identity; a new one beyond is refused (docs/scale.md).")
-@click.option("--ended-keep", default=200, show_default=True, type=click.IntRange(0, 1_000_000),
-              help="Ended episodes the live view (top, episode list) keeps; older ones are dropped from view.")
-@click.option("--ended-keep-s", default=600.0, show_default=True, type=click.FloatRange(0, 7 * 86400),
-              help="Seconds an ended episode stays in the live view.")
-@click.option("--slot-start-gen", default=0, type=click.IntRange(0, 2047), hidden=True,
-              help="First generation of every episode identity (tests and bench: cross the wrap quickly).")
-@click.option("--episode-rate", default=EPISODE_RATE, show_default=True, type=click.IntRange(0, 1 << 31),
-              help="Records per second one episode may send (a kernel token bucket per episode; "
-                   "excess records are dropped and counted as lost for that episode); 0 turns it off.")
-@click.option("--episode-burst", default=EPISODE_BURST, show_default=True, type=click.IntRange(1, 1 << 31),
-              help="Burst of the per-episode rate limit (records).")
-@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR",
-              help="Egress mode: resolver the DNS stub forwards allowed names to (repeatable). "
-                   "Default: the nameservers of /etc/resolv.conf.")
-@click.option("--dns-ttl-grace", default=2.0, show_default=True, type=click.FloatRange(0, 300),
-              help="Egress mode: seconds an answered address stays allowed beyond the answer's TTL.")
-def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, control_socket,
-        gate_timeout, gate_default, gpu_interval, max_episodes, ended_keep, ended_keep_s, slot_start_gen,
-        episode_rate, episode_burst, dns_upstreams, dns_ttl_grace) -> None:
+@_run_options
+def run(config_path, no_dashboard, **kw) -> None:
     """Run the tracer in the foreground until SIGINT/SIGTERM.
+
+    Settings come from /etc/agent-tracer/config.toml and config.d/*.toml
+    (or --config PATH), flags override them (`agent-tracer config show`).
+    SIGHUP reloads configuration and policy (a bad one keeps the running
+    one), SIGUSR1 reopens the log.
 
     \b
     Examples:
       agent-tracer run                              # default policies, live view
       agent-tracer run --no-dashboard --log -       # JSONL on stdout
       agent-tracer run --monitor --all --log /tmp/all.jsonl
+      agent-tracer run --config /etc/agent-tracer/config.toml --metrics-listen 127.0.0.1:9464
     """
-    from .runtime import Runtime, RunOptions, is_root
+    from .config import DEFAULT, load, run_options
+    from .runtime import Runtime, is_root
 
     if not is_root():
         raise click.ClickException("agent-tracer run needs root (it loads BPF programs)") from None
+    flags = _flags(kw)
+    cfg = _load_config(config_path, flags)
     interactive = sys.stdout.isatty() and not no_dashboard
-    if log_path is None and not interactive:
-        log_path = "-"
-    opts = RunOptions(
-        log=log_path, scope_all=scope_all, monitor=monitor,
-        policy_dirs=list(policy_dirs) or [POLICY_DIR], ringbuf_pages=ringbuf_pages,
-        control_socket=control_socket, gate_timeout=gate_timeout, gate_default=gate_default,
-        gpu_interval=gpu_interval, max_episodes=max_episodes, ended_keep=ended_keep, ended_keep_s=ended_keep_s,
-        slot_start_gen=slot_start_gen, episode_rate=episode_rate, episode_burst=episode_burst,
-        dns_upstreams=list(dns_upstreams) or None, dns_ttl_grace=dns_ttl_grace,
-    )
+    if cfg["log"] is None and cfg.sources["log"] == DEFAULT and not interactive:
+        cfg.values["log"] = "-"
+        flags = {**flags}  # a reload keeps stdout too
+        flags["log"] = "-"
+    opts = run_options(cfg, config=cfg, config_loader=lambda: load(config_path, flags),
+                       slot_start_gen=kw.get("slot_start_gen") or 0)
     rt = Runtime(opts)
     try:
         rt.start()
@@ -153,12 +231,74 @@ def run(log_path, policy_dirs, scope_all, monitor, no_dashboard, ringbuf_pages, 
     signal.signal(signal.SIGTERM, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: rt.request_reload())
+        signal.signal(signal.SIGUSR1, lambda *_: rt.request_reopen())
     from .service import serve
 
     try:
         serve(rt, dashboard=interactive)
     finally:
         rt.close()
+
+
+# ------------------------------------------------------------------ config
+@main.group()
+def config() -> None:
+    """Inspect the node's configuration (/etc/agent-tracer/config.toml)."""
+
+
+@config.command("show")
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: key -> {value, source}.")
+def config_show(config_path, no_dashboard, as_json, **kw) -> None:
+    """Print the effective configuration and where each value came from.
+
+    Takes the same options as `run`: a flag shows as its source. Exit 1 when
+    a file is invalid (every error names the file and the key).
+
+    \b
+    Examples:
+      agent-tracer config show
+      agent-tracer config show --config ./config.toml --monitor --json
+    """
+    from .config import format_show
+
+    cfg = _load_config(config_path, _flags(kw))
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps({"files": [str(f) for f in cfg.files], "config": cfg.as_dict()},
+                                option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo("files: " + (", ".join(str(f) for f in cfg.files) or "none (defaults)"))
+    for line in format_show(cfg):
+        click.echo(line)
+
+
+# ------------------------------------------------------------------ service
+@main.group()
+def service() -> None:
+    """Install the tracer as a systemd service."""
+
+
+@service.command("install")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
+              help="Install below this directory (packaging, tests).")
+@click.option("--unit-dir", default="etc/systemd/system", show_default=True, help="Unit directory below --root.")
+@click.option("--no-reload", is_flag=True, help="Do not run `systemctl daemon-reload`.")
+def service_install(root, unit_dir, no_reload) -> None:
+    """Write agent-tracer.service (ExecStart: this installation), a default
+    /etc/agent-tracer/config.toml when there is none, and the site policy
+    directory; then `systemctl daemon-reload` when systemd runs.
+
+    \b
+    Then:
+      systemctl enable --now agent-tracer
+      systemctl reload agent-tracer     # SIGHUP: config and policy
+    """
+    from .unit import install
+
+    for line in install(root, unit_dir, daemon_reload=not no_reload):
+        click.echo(line)
 
 
 # ------------------------------------------------------------------ episode

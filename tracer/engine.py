@@ -256,6 +256,7 @@ def make_alert(rec: dict[str, Any], verdict: Any, outcome: Outcome, policy_versi
         "matched": verdict.matched,
         "description": verdict.description,
         "policy_version": policy_version,
+        "tags": list(getattr(verdict, "tags", ()) or ()),
     }
     for k in ("addr", "port", "family", "path", "protocol", "sni", "alpn", "method", "proxy_host", "proxy_port", "call",
               "matched_bytes", "matched_offset",
@@ -293,6 +294,7 @@ class Engine:
         self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
         self.reloads = 0
         self.reload_failures = 0
+        self.hold_observers: list = []  # fn(kind, rec) when a held exec or flow got its verdict (metrics)
         from .egress_ctl import EgressControl
         from .nodesvc import ProcJudge
         from .policy import Holds
@@ -417,8 +419,13 @@ class Engine:
         if t == "exec" and rec.get("gated") and not rec.get("killed_in_kernel"):
             if not enforcing_verdict:
                 self._continue(rec["pid"])
+            for h in self.hold_observers:
+                h(t, rec)
         elif t == "protocol" and self.flows is not None:
             out.extend(self.flows.verdict(rec, enforcing_verdict, self))
+            if rec.get("held"):
+                for h in self.hold_observers:
+                    h(t, rec)
         return out
 
     def _unjudgeable_exec(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -558,14 +565,15 @@ class Engine:
     def request_reload(self) -> None:
         self._reload_requested = True
 
-    def _policy_mtimes(self) -> dict[str, float]:
+    def _policy_mtimes(self) -> dict[str, tuple[int, int]]:
         out = {}
         for p in self.policy_paths:
             p = Path(p)
             files = sorted(p.glob("*")) if p.is_dir() else [p]
             for f in files:
                 try:
-                    out[str(f)] = f.stat().st_mtime_ns
+                    st = f.stat()  # follows symlinks: a ConfigMap's ..data swap changes the inode
+                    out[str(f)] = (st.st_ino, st.st_mtime_ns)
                 except OSError:
                     pass
         return out

@@ -63,6 +63,18 @@ class RunOptions:
     episode_burst: int = EPISODE_BURST
     dns_upstreams: list[str] | None = None  # egress mode's DNS stub forwards here (None: /etc/resolv.conf)
     dns_ttl_grace: float = 2.0  # seconds an answered address stays allowed beyond its TTL
+    # node service (tracer/node_service.py, tracer/config.py)
+    log_max_bytes: int = 0  # rotate the JSONL log at this size (0: never)
+    log_keep: int = 5  # rotated files kept
+    verdict_retention: float = 0.0  # seconds a finished episode's verdict file is kept (0: forever)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics and /healthz
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # validated [[outputs]] tables
+    config: Any = None  # the tracer.config.Config this run started from
+    config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
+
+
+# `ready` carries it; docs/record-schema.json describes this version of the records
+SCHEMA_VERSION = 1
 
 
 class Runtime:
@@ -89,15 +101,17 @@ class Runtime:
         self._last_relay = 0.0
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
         self.episode_loss = EpisodeLoss()
+        self.service: Any = None  # tracer.node_service.NodeService once started
+        self._reload_pending = False
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
         opts = self.opts
         sinks: list[Sink] = []
         if opts.log:
-            sinks.append(JsonlSink(opts.log))
+            sinks.append(JsonlSink(opts.log, max_bytes=opts.log_max_bytes, keep=opts.log_keep))
         if opts.verdict_dir is not None:
-            sinks.append(VerdictSink(opts.verdict_dir))
+            sinks.append(VerdictSink(opts.verdict_dir, retention=opts.verdict_retention))
         sinks.extend(opts.extra_sinks)
         pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages,
                            attach_unix_connect=opts.unix_connect_hook)
@@ -116,6 +130,10 @@ class Runtime:
 
         self.flows = FlowInspector(self.probes, self.tracker, timeout_s=opts.wire_timeout)
         self.pipeline.wire = self.flows.feed
+        from .node_service import NodeService
+
+        self.service = NodeService(self)
+        self.pipeline.observers.append(self.service.observe)
         if engine is not None:
             engine.attach(self.probes, self.tracker, self.pipeline)
             engine.flows = self.flows
@@ -130,6 +148,7 @@ class Runtime:
         if opts.preexisting_sockets:
             self._emit_preexisting_sockets()
         selftest = engine.selftest() if engine is not None else {}
+        self.service.start()
         self.ready_record = {
             "type": "ready",
             "ts": time.time(),
@@ -144,6 +163,8 @@ class Runtime:
             "compile_s": round(self.probes.compile_s, 3),
             "startup_s": round(time.time() - self.started, 3),
             "node": socket.gethostname(),
+            "schema": SCHEMA_VERSION,
+            **self.service.ready_fields(),
         }
         self.pipeline.emit(self.ready_record)
         self.pipeline.flush()
@@ -297,6 +318,7 @@ class Runtime:
             self.probes.poll(poll_ms)
             for h in hooks:
                 h()
+            self.service.after_poll()
             self.poll_gpu()
             now = time.monotonic()
             eng = self.pipeline.engine
@@ -335,9 +357,22 @@ class Runtime:
             pl.emit(r)
         for r in self.tracker.scan_cgroups(wall):
             pl.emit(r)
+        svc = self.service
+        for r in svc.tick(wall):
+            pl.emit(r)
+        reloading = self._reload_pending
+        if reloading:  # SIGHUP or a changed config file: config first, then the policy with it
+            self._reload_pending = False
+            for r in svc.reload_config(wall):
+                pl.emit(r)
+            self._ensure_relay()
+            if pl.engine is not None:
+                pl.engine.request_reload()
         if pl.engine is not None:
             for r in pl.engine.tick(wall):
                 pl.emit(r)
+        if reloading:
+            svc.reload_done()
         self.tracker.reap()
         if now_mono - self._last_sweep >= SWEEP_S:
             self._last_sweep = now_mono
@@ -354,8 +389,22 @@ class Runtime:
         pl.flush()
 
     def request_reload(self) -> None:
-        if self.pipeline is not None and self.pipeline.engine is not None:
-            self.pipeline.engine.request_reload()
+        """SIGHUP: configuration and policy reload at the next tick (safe
+        from a signal handler: only sets a flag)."""
+        self._reload_pending = True
+
+    def request_reopen(self) -> None:
+        """SIGUSR1: reopen the JSONL log (logrotate's postrotate)."""
+        if self.service is not None:
+            self.service.request_reopen()
+
+    def _ensure_relay(self) -> None:
+        if self.opts.relay_interval > 0 and self.relay is None and self.tracker is not None:
+            from .relay import Scanner
+
+            self.relay = Scanner(self.tracker, min_age_s=self.opts.relay_min_age)
+        elif self.opts.relay_interval <= 0:
+            self.relay = None
 
     def drain(self) -> None:
         """Consume everything already in the ring buffer (tests, shutdown)."""
@@ -393,6 +442,9 @@ class Runtime:
             self.probes = None
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.service is not None:
+            self.service.close()
+            self.service = None
 
 
 def is_root() -> bool:
