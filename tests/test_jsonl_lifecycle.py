@@ -65,3 +65,21 @@ def test_verdict_retention(tmp_path):
     assert s.prune(running={"running-old"}) == ["old"]
     assert sorted(x.name for x in (tmp_path / "v").iterdir()) == ["new.jsonl", "notes.txt", "running-old.jsonl"]
     assert VerdictSink(tmp_path / "v", retention=0).prune() == []  # 0: kept forever
+
+
+def test_a_fifo_target_works_and_is_never_rotated(tmp_path):
+    """`run --log FIFO` (the benchmark reads its tracer's log this way)."""
+    import threading
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    s = JsonlSink(fifo, max_bytes=10, node="n")
+    for i in range(5):
+        s.write({"type": "stats", "ts": float(i), "episode": None})
+    s.close()
+    reader.join(timeout=30)
+    assert [json.loads(x)["ts"] for x in got[0].splitlines()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert s.rotations == 0

@@ -60,7 +60,11 @@ class JsonlSink:
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.target, "ab", buffering=1 << 16)
             self._own = True
-            self._size = self._f.tell()
+            try:
+                self._size = self._f.tell()
+            except OSError:  # a FIFO or a character device: no size, never rotated
+                self._size = 0
+                self.max_bytes = 0
         self._write = self._f.write
 
     def write(self, rec: dict[str, Any]) -> None:
