@@ -209,13 +209,18 @@ def test_python_reverse_relay_caught_by_ssh_banner(tracer, ext, episode_id, tmp_
 
 # ------------------------------------------------ outside every episode
 def _outside_forward(argv, port, ext, ns=True, **kw):
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    # its own process group: autossh's ssh child dies with it (a kill of
+    # autossh alone left the ssh forward running after the test)
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw)
     try:
         return ext.wait_listening(port, timeout=10, ns=ns)
     except TimeoutError:
         return False
     finally:
-        p.kill()
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         p.wait()
 
 
