@@ -162,6 +162,11 @@ def test_scan_log_chunk_keeps_only_what_the_bench_reads():
     got = bench.scan_log_chunk(data)
     assert sorted(r["type"] for r in got) == ["alert", "exec", "lost", "ready", "stats"]
     assert [r["pid"] for r in got if r["type"] == "exec"] == [9]
+    # the live tracer's records start with the node name (tracer/sinks.py)
+    noded = b"".join(json.dumps({"node": "gpu-7", **r}, separators=(",", ":")).encode() + b"\n" for r in lines)
+    got = bench.scan_log_chunk(noded)
+    assert sorted(r["type"] for r in got) == ["alert", "exec", "lost", "ready", "stats"]
+    assert [r["pid"] for r in got if r["type"] == "exec"] == [9]
 
 
 # ---------------------------------------------------------------- targets

@@ -589,8 +589,10 @@ def plot_loss(throughput: dict[str, Any], path: Path) -> str | None:
 # =========================================================================
 # live: log reader, processes, cleanup
 # =========================================================================
-_KEEP = re.compile(rb'^\{"type":"(?:stats|lost|ready|alert|gate_timeout)".*$', re.M)
-_STAMP = re.compile(rb'^\{"type":"exec"[^\n]*"comm":"atb-stamp"[^\n]*$', re.M)
+# records start with {"node":...,"type":...} (sinks.py puts the node first)
+_HEAD = rb'^\{(?:"node":"[^"\n]*",)?"type":'
+_KEEP = re.compile(_HEAD + rb'"(?:stats|lost|ready|alert|gate_timeout)".*$', re.M)
+_STAMP = re.compile(_HEAD + rb'"exec"[^\n]*"comm":"atb-stamp"[^\n]*$', re.M)
 
 
 def scan_log_chunk(data: bytes) -> list[dict[str, Any]]:
