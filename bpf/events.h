@@ -131,7 +131,9 @@ enum at_counter {
 	AT_CNT_RATE_DROPPED = 14, /* records dropped by the per-episode rate limit (bpf/nodesvc.h) */
 	AT_CNT_UNIX_DENIED = 16,  /* unix connects refused by a unix deny rule */
 	AT_CNT_UNIX_UNVERIFIED = 17, /* unix connects refused because the path could not be judged
-					(arguments not seen, relative path, '..') */
+					(arguments not seen, no verdict entry) */
+	AT_CNT_UNIX_GATED = 21,  /* unix connects held (thread stopped) for user space's
+				    judgement of the socket their path leads to */
 	AT_CNT_EGRESS_DENIED = 18, /* connects/sendmsgs refused by egress mode */
 	AT_CNT_DNS_REDIRECTED = 19, /* episode DNS connects/sendmsgs sent to the stub */
 	AT_CNT_DATAGRAMS = 20,   /* datagram records sent (bpf/udp.h) */
@@ -348,6 +350,9 @@ struct flow_verdict {
 					stash: io_uring, 32-bit socketcall, map full): refused */
 #define AT_UNIX_RELATIVE (1u << 2)   /* relative path or a '..' component: refused */
 #define AT_UNIX_ABSTRACT (1u << 3)   /* abstract socket (path[0] == 0; shown as '@name') */
+#define AT_UNIX_GATE (1u << 4)       /* a gate record, not a refusal: the connecting thread is
+					stopped at sys_enter_connect until user space writes its
+					unix_verdict (rules: 0; hash: of path[0:pathlen]) */
 
 /* a unix connect the cgroup unix-connect program refused (or matched in
  * monitor mode); path is the canonical form it was judged by ('//' and '/./'
@@ -357,7 +362,24 @@ struct unix_deny_event {
 	__u64 rules;      /* mask of unix deny rules that matched */
 	__u32 flags;
 	__u32 pathlen;    /* bytes of path used (abstract names may hold NULs) */
+	__u32 hash;       /* FNV-1a 32 of path[0:pathlen] (names the connect a verdict is for) */
+	__u32 _pad;
 	__u8 path[AT_UNIX_KEY_LEN];
+};
+
+/* unix_verdicts value (key: thread id): a pathname connect of an episode
+ * whose text alone cannot clear it (the text does not name the socket:
+ * symlinks, relative paths, bind mounts) is judged by user space on the
+ * resolved target while the thread is stopped; the connect restarts and
+ * takes the verdict whose hash is its path's. Written: PENDING by the
+ * kernel, ALLOW/DENY by user space; deleted by the kernel when used. */
+#define AT_UNIX_V_PENDING 0
+#define AT_UNIX_V_ALLOW 1
+#define AT_UNIX_V_DENY 2
+struct unix_verdict {
+	__u32 state;      /* AT_UNIX_V_* */
+	__u32 hash;       /* FNV-1a 32 of the path text the verdict is for */
+	__u64 rules;      /* DENY: mask of the unix deny rules the target fell under */
 };
 
 /* egress_event.flags */

@@ -42,10 +42,16 @@ BPF_ARRAY(ep_lost, u64, AT_SLOT_INDEX_MASK + 1);
  * `gated`, judged from /proc, and its late record (if any) recognised */
 BPF_HASH(gate_ktime, u32, u64, 4096);
 
+/* unix connects held for user space's judgement of their target, by
+ * thread id (struct unix_verdict, bpf/events.h): the kernel writes
+ * PENDING and deletes an entry it used, user space writes ALLOW/DENY */
+BPF_HASH(unix_verdicts, u32, struct unix_verdict, 4096);
+
 /* bpf_set_retval (helper 187, kernel 5.18+): the errno a refused cgroup
  * hook returns. bcc 0.26's helper table may not name it. */
 static long (*at_set_retval)(int retval) = (void *)187;
 #define AT_ECONNREFUSED 111
+#define AT_ERESTARTNOINTR 513  /* the syscall runs again after the signal (kernel-internal errno) */
 
 /* ---------------------------------------------------------- helpers */
 
@@ -208,6 +214,120 @@ static __always_inline void unix_bound(u64 uaddr, u32 addrlen)
 
 /* --------------------------------------------------- unix connect (cgroup) */
 
+/* what the text of a unix connect's address decides (unix_classify) */
+#define AT_UC_ALLOW 0
+#define AT_UC_DENY 1     /* refused by the text: a deny entry, or arguments unseen */
+#define AT_UC_GATE 2     /* a pathname the text cannot clear: user space judges the target */
+
+/* FNV-1a 32 over path[0:used] */
+static __always_inline u32 unix_hash(const u8 *path, u32 used)
+{
+	u32 h = 2166136261u;
+	for (int i = 0; i < AT_UNIX_PATH_LEN; i++) {
+		if ((u32)i >= used)
+			break;
+		h = (h ^ path[i]) * 16777619u;
+	}
+	return h;
+}
+
+/* Judge a unix connect by its text: *k gets the path (k->gen, prefixlen
+ * set for the deny trie), *flags the AT_UNIX_* flags, *mask the matched
+ * deny rules. Abstract names are judged here (no symlinks: the name is
+ * the socket). A pathname is refused here when the text is in a deny
+ * entry and the episode did not bind it; any other pathname (relative,
+ * '..', or absolute: a symlink or a bind mount may lead anywhere) goes to
+ * user space, which resolves it in the process's view and judges the
+ * socket it names, while the thread is stopped (AT_UC_GATE). Monitor mode
+ * never stops: the text decides and a refusal is reported as "would". */
+static __always_inline int unix_classify(u64 uaddr, u32 addrlen, u32 tgid, u32 gen, struct unix_path_key *k,
+					 u32 *used, u32 *flags, u64 *mask)
+{
+	*mask = 0;
+	*used = 0;
+	if (!uaddr) {
+		*flags = AT_UNIX_NO_ARGS;
+		return AT_UC_DENY;
+	}
+	*flags = unix_read_path(uaddr, addrlen > 2 ? addrlen - 2 : 0, k->path, used);
+	if (*flags & AT_UNIX_NO_ARGS)
+		return AT_UC_DENY;
+	if (!*used)
+		return AT_UC_ALLOW;
+	int monitor = cfg(AT_CFG_MONITOR) != 0;
+	if (*flags & AT_UNIX_RELATIVE)
+		return monitor ? AT_UC_DENY : AT_UC_GATE;
+	/* a socket the episode bound itself (a tmux it started) */
+	k->prefixlen = 0;
+	k->gen = 0;
+	u64 *own = unix_owned.lookup(k);
+	int owned = own && *own == episode_owner(tgid);
+	k->prefixlen = 32 + 8 * AT_UNIX_KEY_LEN;
+	k->gen = gen;
+	u64 *m = unix_deny.lookup(k);
+	if (m && *m && !owned) {
+		*mask = *m;
+		return AT_UC_DENY;
+	}
+	if ((*flags & AT_UNIX_ABSTRACT) || monitor)
+		return AT_UC_ALLOW;
+	return AT_UC_GATE;
+}
+
+static __always_inline void unix_report(u64 mask, u32 flags, u32 used, u32 hash, const u8 *path)
+{
+	struct unix_deny_event *e = events.ringbuf_reserve(sizeof(struct unix_deny_event));
+	if (!e) {
+		count_lost(AT_EV_UNIX_DENY);
+		return;
+	}
+	fill_hdr(&e->h, AT_EV_UNIX_DENY);
+	e->rules = mask;
+	e->flags = flags;
+	e->pathlen = used;
+	e->hash = hash;
+	e->_pad = 0;
+	bpf_probe_read_kernel(e->path, AT_UNIX_KEY_LEN, path);
+	events.ringbuf_submit(e, 0);
+}
+
+/* sys_enter_connect (sockets.h), after the stash: a connect the unix hook
+ * will send to user space stops the thread now (bpf_send_signal is not
+ * available to the cgroup hook); the hook then returns -ERESTARTNOINTR, so
+ * the connect runs again after the stop, with the verdict in place. */
+static __always_inline void unix_gate_enter(u64 uaddr, u32 addrlen)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	u32 gen = (u32)cfg(AT_CFG_GEN) & 1;
+	if (!(cfg(AT_CFG_UNIX_DENY) & (1ULL << gen)) || !in_episode(tgid))
+		return;
+	u16 fam = 0;
+	if (addrlen <= 2 || bpf_probe_read_user(&fam, sizeof(fam), (void *)uaddr) || fam != AF_UNIX)
+		return;
+	struct unix_path_key k = {};
+	u32 used, flags;
+	u64 mask;
+	if (unix_classify(uaddr, addrlen, tgid, gen, &k, &used, &flags, &mask) != AT_UC_GATE)
+		return;
+	u32 h = unix_hash(k.path, used);
+	struct unix_verdict *v = unix_verdicts.lookup(&tid);
+	if (v && v->hash == h && v->state != AT_UNIX_V_PENDING)
+		return;   /* the restarted connect: its verdict is in place */
+	if (!v || v->hash != h) {
+		struct unix_verdict nv = {.state = AT_UNIX_V_PENDING, .hash = h};
+		if (unix_verdicts.update(&tid, &nv)) {
+			count(AT_CNT_MAP_FULL);   /* the hook refuses it: no entry */
+			return;
+		}
+		unix_report(0, flags | AT_UNIX_GATE, used, h, k.path);
+	}
+	/* (a pending entry with this hash: continued by someone else before
+	 * the verdict; stopped again, like the exec gate's race) */
+	bpf_send_signal(AT_SIGSTOP);
+	count(AT_CNT_UNIX_GATED);
+}
+
 int at_connect_unix(struct bpf_sock_addr *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -218,49 +338,40 @@ int at_connect_unix(struct bpf_sock_addr *ctx)
 	if (!in_episode(tgid))
 		return 1;
 	struct unix_path_key k = {};
-	k.gen = gen;
-	k.prefixlen = 32 + 8 * AT_UNIX_KEY_LEN;
-	u32 used = 0, flags;
+	u32 used = 0, flags = 0;
+	u64 mask = 0;
 	/* the connect's arguments, stashed at sys_enter_connect (sockets.h):
 	 * absent for io_uring, 32-bit socketcall, or a full sock_pending map.
 	 * Then the path cannot be judged: refused. */
 	struct sock_args *sa = sock_pending.lookup(&tid);
-	if (!sa || !sa->uaddr)
-		flags = AT_UNIX_NO_ARGS;
-	else
-		flags = unix_read_path(sa->uaddr, sa->addrlen > 2 ? sa->addrlen - 2 : 0, k.path, &used);
-	u64 mask = 0;
-	if (!(flags & (AT_UNIX_NO_ARGS | AT_UNIX_RELATIVE))) {
-		if (!used)
+	int c = unix_classify(sa ? sa->uaddr : 0, sa ? sa->addrlen : 0, tgid, gen, &k, &used, &flags, &mask);
+	if (c == AT_UC_ALLOW)
+		return 1;
+	if (c == AT_UC_GATE) {
+		u32 h = unix_hash(k.path, used);
+		struct unix_verdict *v = unix_verdicts.lookup(&tid);
+		if (v && v->hash == h && v->state == AT_UNIX_V_PENDING) {
+			/* stopped at sys_enter_connect: run the connect again after
+			 * the stop, when user space has judged the target */
+			at_set_retval(-AT_ERESTARTNOINTR);
+			return 0;
+		}
+		if (v && v->hash == h && v->state == AT_UNIX_V_ALLOW) {
+			unix_verdicts.delete(&tid);
 			return 1;
-		/* a socket the episode bound itself (a tmux it started) */
-		k.prefixlen = 0;
-		k.gen = 0;
-		u64 *own = unix_owned.lookup(&k);
-		if (own && *own == episode_owner(tgid))
-			return 1;
-		k.prefixlen = 32 + 8 * AT_UNIX_KEY_LEN;
-		k.gen = gen;
-		u64 *m = unix_deny.lookup(&k);
-		if (!m || !*m)
-			return 1;
-		mask = *m;
+		}
+		if (v && v->hash == h && v->state == AT_UNIX_V_DENY) {
+			mask = v->rules;
+			unix_verdicts.delete(&tid);
+		} else {
+			flags |= AT_UNIX_NO_ARGS;   /* no verdict entry could be made: fail closed */
+		}
 	}
 	/* monitor mode: allow and report; the self-test's canary path stays refused */
 	u32 would = cfg(AT_CFG_MONITOR) && !(mask & (1ULL << AT_RULE_CANARY)) ? AT_UNIX_WOULD : 0;
 	if (!would)
 		count(mask ? AT_CNT_UNIX_DENIED : AT_CNT_UNIX_UNVERIFIED);
-	struct unix_deny_event *e = events.ringbuf_reserve(sizeof(struct unix_deny_event));
-	if (e) {
-		fill_hdr(&e->h, AT_EV_UNIX_DENY);
-		e->rules = mask;
-		e->flags = flags | would;
-		e->pathlen = used;
-		bpf_probe_read_kernel(e->path, AT_UNIX_KEY_LEN, k.path);
-		events.ringbuf_submit(e, 0);
-	} else {
-		count_lost(AT_EV_UNIX_DENY);
-	}
+	unix_report(mask, flags | would, used, 0, k.path);
 	if (would)
 		return 1;
 	/* refused as "no server listening" (ECONNREFUSED), not EPERM: a client

@@ -69,7 +69,9 @@ static __always_inline int emit_sock(u32 kind, long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-	return stash((u64)args->uservaddr, args->fd, args->addrlen, 0, 0);
+	stash((u64)args->uservaddr, args->fd, args->addrlen, 0, 0);
+	unix_gate_enter((u64)args->uservaddr, args->addrlen);   /* nodesvc.h */
+	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)

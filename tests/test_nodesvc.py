@@ -100,10 +100,10 @@ def test_site_override_shrinks_a_list(tmp_path):
     assert "/tmp/tmux-" not in mux.prefixes
 
 
-def _unix_record(path: bytes, flags: int, rules: int) -> bytes:
+def _unix_record(path: bytes, flags: int, rules: int, h: int = 0) -> bytes:
     lay = events.LAYOUTS[events.Kind.UNIX_DENY]
     return struct.pack(lay.fmt, 1, 2, int(events.Kind.UNIX_DENY), 10, 11, 0, b"python3", rules, flags,
-                       len(path), path)
+                       len(path), h, 0, path)
 
 
 def test_unix_deny_record_decodes():
@@ -116,6 +116,9 @@ def test_unix_deny_record_decodes():
     assert r["path"] is None and r["unverified"] == "arguments not seen"
     r = events.decode(_unix_record(b"docker.sock", events.UNIX_RELATIVE, 0))
     assert r["path"] == "docker.sock" and r["unverified"] == "relative path or '..'"
+    # a gate record: the thread waits for user space's verdict on the target
+    r = events.decode(_unix_record(b"s.sock", events.UNIX_GATE | events.UNIX_RELATIVE, 0, h=0xDEADBEEF))
+    assert (r["type"], r["path"], r["hash"], r["relative"], r["tid"]) == ("unix_gate", "s.sock", 0xDEADBEEF, True, 11)
 
 
 def test_refusal_names_its_rules(plan):

@@ -292,6 +292,11 @@ class Engine:
         self._mtimes = self._policy_mtimes()
         self.selftest_result: dict[str, str] = {}
         self.flows = None  # tracer.flows.FlowInspector: wire verdicts back to the kernel
+        # unix gate (bpf/nodesvc.h): held connects judged on their target
+        self.unix_gates = 0
+        self._unix_seen: dict[int, float] = {}
+        self._unix_pending_since: dict[int, float] = {}
+        self._unix_entries_cache: tuple[str, dict] | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.hold_observers: list = []  # fn(kind, rec) when a held exec or flow got its verdict (metrics)
@@ -358,6 +363,8 @@ class Engine:
             return self._kernel_denied(rec)
         if t == "unix_deny":
             return self._unix_denied(rec)
+        if t == "unix_gate":
+            return self._unix_gate(rec)
         if t == "exec" and rec.get("gated") and self.proc_judge and self.proc_judge.already_judged(rec):
             return []  # judged from /proc while its record was late
         if t == "gate_race":
@@ -507,6 +514,80 @@ class Engine:
             out.append(make_alert(rec, v, o, self.policy.version))
         return out
 
+    def _unix_gate(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """An episode's unix connect held at sys_enter_connect: judge the
+        socket its path leads to (symlinks, cwd, bind mounts resolved: the
+        text alone cannot name it), write the verdict, continue the thread;
+        the connect runs again and takes the verdict (bpf/nodesvc.h). A
+        refusal then comes back as a unix_deny record, which alerts."""
+        from .events import UNIX_V_ALLOW, UNIX_V_DENY
+        from .nodesvc import denied_ids, resolve_unix_target, unix_target_rules, wait_stopped
+
+        pid, tid = rec["pid"], rec["tid"]
+        self._unix_seen[tid] = time.monotonic()
+        entries = self._unix_entries()
+        try:
+            real, target = resolve_unix_target(pid, tid, rec.get("path") or "")
+        except OSError:
+            real, target = None, None  # the thread is gone (or its cwd unreadable): refused
+        mask = 0
+        if real is not None:
+            mask = unix_target_rules(real, target, entries, denied_ids(entries), self._unix_owned(real, rec))
+        allow = real is not None and not mask
+        self.probes.set_unix_verdict(tid, UNIX_V_ALLOW if allow else UNIX_V_DENY, rec.get("hash", 0), mask)
+        rec["resolved"], rec["verdict"] = real, "allowed" if allow else "denied"
+        self.unix_gates += 1
+        if wait_stopped(pid):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._unix_seen.pop(tid, None)
+        return []
+
+    def _unix_entries(self) -> dict[tuple[bytes, bool], int]:
+        from .nodesvc import unix_deny_entries
+
+        v = self.policy.version
+        if self._unix_entries_cache is None or self._unix_entries_cache[0] != v:
+            self._unix_entries_cache = (v, unix_deny_entries(getattr(self.policy.kernel_plan(), "unix_deny", ())))
+        return self._unix_entries_cache[1]
+
+    def _unix_owned(self, real: str, rec: dict[str, Any]) -> bool:
+        """The episode of `rec` bound the socket at `real` itself."""
+        from .events import IDENT_MASK
+        from .nodesvc import OWNER_SLOT_BIT
+
+        owner = self.probes.owned_unix_paths().get(real) if self.probes is not None else None
+        ep = self.tracker.episodes.get(rec.get("episode")) if self.tracker and rec.get("episode") else None
+        if owner is None or ep is None:
+            return False
+        if owner & OWNER_SLOT_BIT:
+            return (owner & IDENT_MASK) == ep.slot
+        return owner in ep.cgroup_ids
+
+    def poll_unix_gates(self, now_mono: float) -> None:
+        """A held unix connect whose gate record never came (ring buffer
+        full) is refused after the gate timeout: never stopped forever."""
+        if self.probes is None or not self._unix_hook():
+            return
+        from .events import UNIX_V_DENY
+
+        for tid, h in self.probes.unix_pending().items():
+            first = self._unix_pending_since.setdefault(tid, now_mono)
+            if tid in self._unix_seen or now_mono - first < self.gate_timeout:
+                continue
+            self.probes.set_unix_verdict(tid, UNIX_V_DENY, h, 0)
+            self._unix_pending_since.pop(tid, None)
+            self.gate_timeouts += 1
+            try:
+                os.kill(tid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        live = self.probes.unix_pending()
+        for tid in [t for t in self._unix_pending_since if t not in live]:
+            del self._unix_pending_since[tid]
+
     def _rule_verdict(self, name: str, matched: dict[str, Any]):
         from .policy import Verdict
 
@@ -556,6 +637,7 @@ class Engine:
 
     def tick(self, now: float) -> list[dict[str, Any]]:
         out = self.poll_gates()
+        self.poll_unix_gates(time.monotonic())
         if self._reload_requested or self._policy_mtimes() != self._mtimes:
             self._reload_requested = False
             out.extend(self.reload())
@@ -765,7 +847,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"gate_timeouts": self.gate_timeouts, "gate_races": self.gate_races,
-                "gates_judged_from_proc": self.proc_judge.judged if self.proc_judge else 0, "reloads": self.reloads,
+                "gates_judged_from_proc": self.proc_judge.judged if self.proc_judge else 0, "unix_gates": self.unix_gates,
+                "reloads": self.reloads,
                 "reload_failures": self.reload_failures, **(self.enforcer.stats() if self.enforcer else {}),
                 **(self.flows.stats() if self.flows is not None else {}), **self.egress.stats()}
 

@@ -32,7 +32,7 @@ from .slots import DEFAULT_MAX_EPISODES, SlotsExhausted, SlotTable
 
 KERNEL_TYPES = frozenset(
     {"fork", "exec", "exit", "connect", "socket", "bind", "listen", "memfd", "gpu_open", "deny", "gate_race",
-    "unix_deny",
+    "unix_deny", "unix_gate",
     "protocol", "escape", "egress", "datagram"}
 )
 

@@ -95,10 +95,11 @@ class Counter(enum.IntEnum):
     GPU_OPEN_KILLED = 12
     RATE_DROPPED = 14  # records dropped by the per-episode rate limit
     UNIX_DENIED = 16  # unix connects refused by a unix deny rule
-    UNIX_UNVERIFIED = 17  # unix connects refused: path not judgeable (no args, relative, '..')
+    UNIX_UNVERIFIED = 17  # unix connects refused: path not judgeable (no args, no verdict entry)
     EGRESS_DENIED = 18
     DNS_REDIRECTED = 19
     DATAGRAMS = 20
+    UNIX_GATED = 21  # unix connects held for user space's judgement of their target
     MAP_FULL = 22
     SLOT_STALE = 23
 
@@ -173,6 +174,11 @@ UNIX_WOULD = 1 << 0
 UNIX_NO_ARGS = 1 << 1
 UNIX_RELATIVE = 1 << 2
 UNIX_ABSTRACT = 1 << 3
+UNIX_GATE = 1 << 4  # a gate record: the thread is stopped until user space writes its unix_verdict
+# unix_verdict.state (bpf/events.h)
+UNIX_V_PENDING = 0
+UNIX_V_ALLOW = 1
+UNIX_V_DENY = 2
 
 # wire_event.flags, flow_verdict.flags
 WIRE_HELD = 1 << 0
@@ -286,7 +292,8 @@ LAYOUTS: dict[Kind, Layout] = {
     ),
     Kind.UNIX_DENY: Layout(
         "unix_deny_event",
-        HDR_FIELDS + (("rules", "Q"), ("flags", "I"), ("pathlen", "I"), ("path", f"{UNIX_KEY_LEN}s")),
+        HDR_FIELDS + (("rules", "Q"), ("flags", "I"), ("pathlen", "I"), ("hash", "I"), ("_pad", "I"),
+                      ("path", f"{UNIX_KEY_LEN}s")),
     ),
     Kind.EGRESS: Layout(
         "egress_event",
@@ -310,6 +317,7 @@ MAP_LAYOUTS: dict[str, Layout] = {
     "lpm6_key": Layout("lpm6_key", (("prefixlen", "I"), ("gen", "I"), ("addr", "16s"))),
     "flow_verdict": Layout("flow_verdict", (("upto", "I"), ("flags", "I"))),
     "unix_path_key": Layout("unix_path_key", (("prefixlen", "I"), ("gen", "I"), ("path", f"{UNIX_KEY_LEN}s"))),
+    "unix_verdict": Layout("unix_verdict", (("state", "I"), ("hash", "I"), ("rules", "Q"))),
     "egress_dyn_key": Layout("egress_dyn_key", (("slot", "I"), ("_pad", "I"), ("addr", "16s"))),
     "gpu_prefix": Layout(
         "gpu_prefix", (("word", f"{OPEN_PATH_LEN // 8}Q"), ("mask", f"{OPEN_PATH_LEN // 8}Q"))
@@ -512,8 +520,13 @@ def unix_path_text(raw: bytes, abstract: bool) -> str:
 
 
 def _unix_deny(v: tuple) -> dict[str, Any]:
-    flags, used = v[8], v[9]
-    raw = v[10][:used]
+    flags, used, h = v[8], v[9], v[10]
+    raw = v[12][:used]
+    if flags & UNIX_GATE:
+        # held for a verdict on the socket the path leads to (tracer/nodesvc.py)
+        return {"type": "unix_gate", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],
+                "comm": _comm(v[6]), "family": "unix", "call": "connect", "path": cstr(raw), "hash": h,
+                "relative": bool(flags & UNIX_RELATIVE)}
     reason = ("arguments not seen" if flags & UNIX_NO_ARGS else
               "relative path or '..'" if flags & UNIX_RELATIVE else None)
     return {"type": "unix_deny", "ktime": v[0], "cgroup": v[1], "pid": v[3], "tid": v[4], "uid": v[5],

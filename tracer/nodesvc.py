@@ -241,3 +241,87 @@ class EpisodeLoss:
             probes.forget_owned_unix(owners)
         except Exception as e:  # noqa: BLE001 - housekeeping, never fatal
             log.warning("forgetting unix sockets of %s: %s", episode.id, e)
+
+
+# ------------------------------------------------------------- unix gate
+def unix_hash(path: bytes) -> int:
+    """FNV-1a 32 of a path's bytes, as bpf/nodesvc.h unix_hash computes it."""
+    h = 2166136261
+    for b in path[: events.UNIX_PATH_LEN]:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def unix_target_rules(real: str, target: tuple[int, int] | None, entries: dict[tuple[bytes, bool], int],
+                      denied_ids: dict[tuple[int, int], int], owned: bool) -> int:
+    """Mask of the unix deny rules the socket a connect leads to falls
+    under (0: allowed). Pure.
+
+    real: the path with every symlink, '.', '..' and the cwd resolved (the
+    socket's own name); target: its (st_dev, st_ino) when it exists;
+    entries: the unix_deny entries (unix_deny_entries); denied_ids: the
+    (st_dev, st_ino) of the denied exact paths, so a bind mount or a hard
+    link of a denied socket is refused under any name; owned: the episode
+    bound `real` itself (a tmux server it started)."""
+    if owned:
+        return 0
+    b = path_bytes(real)
+    mask = 0
+    for (p, prefix), m in entries.items():
+        if p.startswith(b"\0"):
+            continue  # abstract names: judged in the kernel
+        if (b.startswith(p) if prefix else b == p):
+            mask |= m
+    if target is not None:
+        mask |= denied_ids.get(target, 0)
+    return mask
+
+
+def resolve_unix_target(pid: int, tid: int, path: str) -> tuple[str, tuple[int, int] | None]:
+    """(resolved path, (st_dev, st_ino) or None when nothing is there) of
+    the unix socket path a thread connects to, as that thread sees it: a
+    relative path from its own cwd. Raises OSError when the thread's cwd
+    cannot be read (it is gone)."""
+    if not path.startswith("/"):
+        base = os.readlink(f"/proc/{pid}/task/{tid}/cwd")
+        path = os.path.join(base, path)
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def denied_ids(entries: dict[tuple[bytes, bool], int]) -> dict[tuple[int, int], int]:
+    """(st_dev, st_ino) -> mask of the exact denied paths that exist now."""
+    out: dict[tuple[int, int], int] = {}
+    for (p, prefix), m in entries.items():
+        if prefix or p.startswith(b"\0"):
+            continue
+        try:
+            st = os.stat(p.decode("utf-8", "surrogateescape"))
+        except OSError:
+            continue
+        k = (st.st_dev, st.st_ino)
+        out[k] = out.get(k, 0) | m
+    return out
+
+
+def wait_stopped(pid: int, timeout_s: float = 0.2) -> bool:
+    """Wait until the thread group is in stopped state (a SIGCONT sent
+    before the SIGSTOP took effect would leave the connect without its
+    restart). False when it did not stop in time or is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                st = f.read()
+        except OSError:
+            return False
+        state = st[st.rfind(b")") + 2: st.rfind(b")") + 3]
+        if state in (b"T", b"t"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0002)

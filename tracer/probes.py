@@ -501,6 +501,17 @@ class Probes:
         return {bytes(k.path).rstrip(b"\0").decode("utf-8", "replace"): v.value
                 for k, v in self.bpf["unix_owned"].items()}
 
+    # unix gate (bpf/nodesvc.h unix_verdicts): the loop thread writes verdicts
+    def set_unix_verdict(self, tid: int, state: int, h: int, rules: int = 0) -> None:
+        t = self.bpf["unix_verdicts"]
+        v = t.Leaf()
+        v.state, v.hash, v.rules = state, h & 0xFFFFFFFF, rules
+        t[ctypes.c_uint(tid)] = v
+
+    def unix_pending(self) -> dict[int, int]:
+        """tid -> hash of the unix connects waiting for a verdict."""
+        return {k.value: v.hash for k, v in self.bpf["unix_verdicts"].items() if v.state == events.UNIX_V_PENDING}
+
     def gate_ktime(self, pid: int) -> int | None:
         try:
             return int(self.bpf["gate_ktime"][ctypes.c_uint(pid)].value)
