@@ -352,7 +352,7 @@ struct flow_verdict {
 #define AT_UNIX_ABSTRACT (1u << 3)   /* abstract socket (path[0] == 0; shown as '@name') */
 #define AT_UNIX_GATE (1u << 4)       /* a gate record, not a refusal: the connecting thread is
 					stopped at sys_enter_connect until user space writes its
-					unix_verdict (rules: 0; hash: of path[0:pathlen]) */
+					unix_verdict (rules: 0) */
 
 /* a unix connect the cgroup unix-connect program refused (or matched in
  * monitor mode); path is the canonical form it was judged by ('//' and '/./'
@@ -362,7 +362,7 @@ struct unix_deny_event {
 	__u64 rules;      /* mask of unix deny rules that matched */
 	__u32 flags;
 	__u32 pathlen;    /* bytes of path used (abstract names may hold NULs) */
-	__u32 hash;       /* FNV-1a 32 of path[0:pathlen] (names the connect a verdict is for) */
+	__u32 hash;       /* FNV-1a 32 of all of path, NUL padded (names the connect a verdict is for) */
 	__u32 _pad;
 	__u8 path[AT_UNIX_KEY_LEN];
 };

@@ -219,15 +219,14 @@ static __always_inline void unix_bound(u64 uaddr, u32 addrlen)
 #define AT_UC_DENY 1     /* refused by the text: a deny entry, or arguments unseen */
 #define AT_UC_GATE 2     /* a pathname the text cannot clear: user space judges the target */
 
-/* FNV-1a 32 over path[0:used] */
-static __always_inline u32 unix_hash(const u8 *path, u32 used)
+/* FNV-1a 32 over the whole NUL-padded path buffer (AT_UNIX_KEY_LEN bytes:
+ * a fixed bound the verifier follows; the padding is zero) */
+static __always_inline u32 unix_hash(const u8 *path)
 {
 	u32 h = 2166136261u;
-	for (int i = 0; i < AT_UNIX_PATH_LEN; i++) {
-		if ((u32)i >= used)
-			break;
+#pragma unroll
+	for (int i = 0; i < AT_UNIX_KEY_LEN; i++)
 		h = (h ^ path[i]) * 16777619u;
-	}
 	return h;
 }
 
@@ -310,7 +309,7 @@ static __always_inline void unix_gate_enter(u64 uaddr, u32 addrlen)
 	u64 mask;
 	if (unix_classify(uaddr, addrlen, tgid, gen, &k, &used, &flags, &mask) != AT_UC_GATE)
 		return;
-	u32 h = unix_hash(k.path, used);
+	u32 h = unix_hash(k.path);
 	struct unix_verdict *v = unix_verdicts.lookup(&tid);
 	if (v && v->hash == h && v->state != AT_UNIX_V_PENDING)
 		return;   /* the restarted connect: its verdict is in place */
@@ -348,7 +347,7 @@ int at_connect_unix(struct bpf_sock_addr *ctx)
 	if (c == AT_UC_ALLOW)
 		return 1;
 	if (c == AT_UC_GATE) {
-		u32 h = unix_hash(k.path, used);
+		u32 h = unix_hash(k.path);
 		struct unix_verdict *v = unix_verdicts.lookup(&tid);
 		if (v && v->hash == h && v->state == AT_UNIX_V_PENDING) {
 			/* stopped at sys_enter_connect: run the connect again after

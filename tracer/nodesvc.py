@@ -245,9 +245,10 @@ class EpisodeLoss:
 
 # ------------------------------------------------------------- unix gate
 def unix_hash(path: bytes) -> int:
-    """FNV-1a 32 of a path's bytes, as bpf/nodesvc.h unix_hash computes it."""
+    """FNV-1a 32 of a path NUL-padded to UNIX_KEY_LEN bytes, as bpf/nodesvc.h
+    unix_hash computes it."""
     h = 2166136261
-    for b in path[: events.UNIX_PATH_LEN]:
+    for b in path[: events.UNIX_KEY_LEN].ljust(events.UNIX_KEY_LEN, b"\0"):
         h = ((h ^ b) * 16777619) & 0xFFFFFFFF
     return h
 
