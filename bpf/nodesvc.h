@@ -219,14 +219,18 @@ static __always_inline void unix_bound(u64 uaddr, u32 addrlen)
 #define AT_UC_DENY 1     /* refused by the text: a deny entry, or arguments unseen */
 #define AT_UC_GATE 2     /* a pathname the text cannot clear: user space judges the target */
 
-/* FNV-1a 32 over the whole NUL-padded path buffer (AT_UNIX_KEY_LEN bytes:
- * a fixed bound the verifier follows; the padding is zero) */
-static __always_inline u32 unix_hash(const u8 *path)
+/* FNV-1a 32 over the whole NUL-padded path (AT_UNIX_KEY_LEN bytes), read
+ * from the per-CPU scratch buffer unix_read_path just filled (a map value:
+ * no stack, and a masked index the verifier follows) */
+static __always_inline u32 unix_hash(void)
 {
+	u32 zero = 0;
+	struct unix_raw *raw = unix_scratch.lookup(&zero);
+	if (!raw)
+		return 0;
 	u32 h = 2166136261u;
-#pragma unroll
-	for (int i = 0; i < AT_UNIX_KEY_LEN; i++)
-		h = (h ^ path[i]) * 16777619u;
+	for (u32 i = 0; i < AT_UNIX_KEY_LEN; i++)
+		h = (h ^ raw->b[i & 0x7f]) * 16777619u;
 	return h;
 }
 
@@ -309,7 +313,7 @@ static __always_inline void unix_gate_enter(u64 uaddr, u32 addrlen)
 	u64 mask;
 	if (unix_classify(uaddr, addrlen, tgid, gen, &k, &used, &flags, &mask) != AT_UC_GATE)
 		return;
-	u32 h = unix_hash(k.path);
+	u32 h = unix_hash();
 	struct unix_verdict *v = unix_verdicts.lookup(&tid);
 	if (v && v->hash == h && v->state != AT_UNIX_V_PENDING)
 		return;   /* the restarted connect: its verdict is in place */
@@ -347,7 +351,7 @@ int at_connect_unix(struct bpf_sock_addr *ctx)
 	if (c == AT_UC_ALLOW)
 		return 1;
 	if (c == AT_UC_GATE) {
-		u32 h = unix_hash(k.path);
+		u32 h = unix_hash();
 		struct unix_verdict *v = unix_verdicts.lookup(&tid);
 		if (v && v->hash == h && v->state == AT_UNIX_V_PENDING) {
 			/* stopped at sys_enter_connect: run the connect again after
