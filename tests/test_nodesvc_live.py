@@ -165,23 +165,50 @@ def test_engine_socket_refused_in_episode_not_outside(tracer, sockdir, tmp_path,
             os.unlink(p)
 
 
-def test_unjudgeable_spellings_refused(tracer, sockdir, tmp_path, episode_id):
-    """The same socket by a relative path, with '//', '/./' or '..': the
-    text does not name the socket the kernel finds, so it is refused."""
+def test_other_spellings_of_a_denied_socket_refused(tracer, sockdir, tmp_path, episode_id):
+    """The same socket by a relative path, with '//', '/./' or '..', through
+    a symlink the episode made, and through a hard link: the text does not
+    name the socket, so the connect is held (unix_gate) and judged on the
+    socket its path resolves to, in the connecting thread's cwd."""
     path = sockdir / "engine.sock"
     lst = Listener.unix(str(path))
+    link, hard = tmp_path / "innocent.sock", tmp_path / "hard.sock"
     try:
+        link.symlink_to(path)
+        os.link(path, hard)
         spellings = ["engine.sock", f"{sockdir}//engine.sock", f"{sockdir}/./engine.sock",
-                     f"{sockdir}/../{sockdir.name}/engine.sock"]
+                     f"{sockdir}/../{sockdir.name}/engine.sock", str(link), str(hard)]
         got = _client(tmp_path, "unix", *spellings, episode=episode_id, cwd=str(sockdir))
-        assert got == ["ECONNREFUSED"] * 4, got
+        assert got == ["ECONNREFUSED"] * len(spellings), got
         assert lst.accepted == 0
-        a = tracer.expect_alert(episode_id, "container-engine-socket")
-        assert a["matched"].get("unverified"), a
-        assert _client(tmp_path, "unix", *spellings, cwd=str(sockdir)) == ["ok"] * 4
+        alerts = tracer.wait(type="alert", episode=episode_id, rule="container-engine-socket",
+                             n=len(spellings), timeout=10)
+        assert sorted(a["path"] for a in alerts) == sorted(spellings), alerts
+        gates = tracer.find(type="unix_gate", episode=episode_id)
+        assert {g["path"]: g["verdict"] for g in gates} == {p: "denied" for p in spellings}, gates
+        assert {g["resolved"] for g in gates} == {str(path)}, gates
+        assert _client(tmp_path, "unix", *spellings, cwd=str(sockdir)) == ["ok"] * len(spellings)
     finally:
         lst.close()
         path.unlink()
+        hard.unlink(missing_ok=True)
+
+
+def test_own_sockets_by_any_spelling_work(tracer, tmp_path, episode_id):
+    """A socket the episode made in its own directory, reached by a
+    relative path or a symlink: held, judged, allowed (no alert)."""
+    lst = Listener.unix(str(tmp_path / "app.sock"))
+    (tmp_path / "via.sock").symlink_to(tmp_path / "app.sock")
+    try:
+        got = _client(tmp_path, "unix", "app.sock", "./via.sock", str(tmp_path / "app.sock"),
+                      episode=episode_id, cwd=str(tmp_path))
+        assert got == ["ok"] * 3, got
+        assert wait_for(lambda: lst.accepted == 3, 5), lst.accepted
+        gates = tracer.wait(type="unix_gate", episode=episode_id, n=3, timeout=10)
+        assert [g["verdict"] for g in gates] == ["allowed"] * 3, gates
+        assert not tracer.find(type="alert", episode=episode_id)
+    finally:
+        lst.close()
 
 
 def test_default_list_matches_real_default_paths(tracer):
