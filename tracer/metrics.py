@@ -50,8 +50,8 @@ class Metrics:
         self.episodes = Gauge(p + "episodes", "Episodes seen since start by state (running: now)", ["state"],
                               registry=r)
         self.gate_hold = Histogram(p + "gate_hold_seconds",
-                                   "Time a gated exec or held first write waited for its verdict (kernel stop "
-                                   "to user-space decision)", ["kind"], buckets=HOLD_BUCKETS, registry=r)
+                                   "Time a gated exec or held flow waited for its verdict (kernel stop or "
+                                   "first held packet to user-space decision)", ["kind"], buckets=HOLD_BUCKETS, registry=r)
         for k in ("exec", "flow"):
             self.gate_hold.labels(k)
         self.gate_timeouts = Counter(p + "gate_timeouts", "Gated execs whose verdict did not come in time",

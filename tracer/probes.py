@@ -718,7 +718,7 @@ class KernelMaps:
     gate_comms: dict[str, int] = field(default_factory=dict)
     gate_all: bool = False
     gate_all_global: bool = False  # every exec on the node (but the tracer's own tree)
-    wire_hold: bool = False  # stop the writer after a candidate first write until user space rules
+    wire_hold: bool = False  # drop undecided episode flows' payload until user space rules (bpf/wire.h)
     gpu_open_kill: bool = False  # kill episode processes without the GPU right at a GPU device open
     deny4: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     deny6: dict[ipaddress.IPv6Network, int] = field(default_factory=dict)
