@@ -180,3 +180,155 @@ def test_busy_user_space_gated_exec_judged_from_proc(live_tracer, tmp_path, epis
     t.rt.drain()
     assert wait_for(lambda: t.find(type="exec", pid=pid, judged_from_proc=None), 5)
     assert len(t.find(type="alert", episode=episode_id, rule="miner-by-argv")) == 1
+
+
+class Collector:
+    """A loopback TCP listener that keeps every byte it receives (the
+    "pool": the test asserts the Stratum login never reached it)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.data = b""
+        self._stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        conns = []
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+                c.setblocking(False)
+                conns.append(c)
+            except OSError:
+                pass
+            for c in conns:
+                try:
+                    self.data += c.recv(65536)
+                except OSError:
+                    pass
+        for c in conns:
+            c.close()
+
+    def close(self):
+        self._stop = True
+        self.t.join(timeout=5)
+        self.sock.close()
+
+
+# connects first, then (once the flood is under way) speaks Stratum on the
+# connection it already had: the wire record must not be lost to the flood
+EARLY_STRATUM = r"""
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+time.sleep(float(sys.argv[2]))
+s.sendall(b'{"id": 1, "method": "mining.subscribe", "params": ["Mozilla/5.0"]}\n')
+time.sleep(3)
+"""
+
+UNIX_CLIENT = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+try:
+    s.connect(sys.argv[2])
+    r = "ok"
+except OSError as e:
+    r = errno.errorcode.get(e.errno, str(e.errno))
+open(sys.argv[1], "w").write(r)
+"""
+
+
+def test_flood_every_class_still_held(live_tracer, listener, tmp_path, episode_id):
+    """One episode floods (over its rate limit); while it floods, it and
+    fresh episodes try each attack class: a gated miner exec, a denied
+    connect, a node-service unix socket (by its path and by a relative
+    spelling, which goes through the unix gate), Stratum on a new flow, and
+    Stratum on a flow the flooder opened before the flood. Every one is
+    held or denied and judged; the pool gets no Stratum byte; loss is
+    counted for the flooder only."""
+    import uuid
+
+    from tracer import cgroups
+
+    sockdir = Path(f"/tmp/at-flood-{uuid.uuid4().hex[:8]}")
+    sockdir.mkdir()
+    engine = socket.socket(socket.AF_UNIX)
+    engine.bind(str(sockdir / "engine.sock"))
+    engine.listen(16)
+    engine.settimeout(0.2)
+    site = tmp_path / "90-site.toml"
+    site.write_text('[[override]]\nlist = "container_engine_sockets"\n'
+                    f'append = ["{sockdir}/engine.sock"]\n')
+    pool = Collector()
+    eps = [f"{episode_id}-{k}" for k in ("exec", "conn", "unix", "unixrel", "wire")]
+    t = None
+    try:
+        t = live_tracer(policy=True, policy_dirs=[POLICY_DIR, site], monitor=False,
+                        episode_rate=5000, episode_burst=5000).start()
+        w = _worker(tmp_path)
+        for name, text in (("flood.py", FLOOD), ("client.py", CLIENT), ("early.py", EARLY_STRATUM),
+                           ("unix.py", UNIX_CLIENT)):
+            (tmp_path / name).write_text(text)
+        flooder = tmp_path / "a.sh"
+        flooder.write_text(
+            f"{PY} -S {tmp_path}/early.py {pool.port} 4 &\n"
+            f"{PY} -S {tmp_path}/flood.py 10 {tmp_path}/flood-count &\n"
+            "wait\n")
+        scripts = {
+            eps[0]: f"{w} b --donate-level 1\n",
+            eps[1]: f"{PY} -S {tmp_path}/client.py {tmp_path}/conn {PORT}\n",
+            eps[2]: f"{PY} -S {tmp_path}/unix.py {tmp_path}/unix {sockdir}/engine.sock\n",
+            eps[3]: f"cd {sockdir} && {PY} -S {tmp_path}/unix.py {tmp_path}/unixrel engine.sock\n",
+            eps[4]: (f"{PY} -S -c \"import socket; s=socket.create_connection(('127.0.0.1', {pool.port}), 5); "
+                     "s.sendall(b'{\\\"id\\\": 2, \\\"method\\\": \\\"mining.authorize\\\", \\\"params\\\": "
+                     "[\\\"w\\\", \\\"x\\\"]}\\n'); import time; time.sleep(3)\"\n"),
+        }
+        results = {}
+
+        def run(ep, text):
+            sh = tmp_path / f"{ep}.sh"
+            sh.write_text(text)
+            results[ep] = run_in_episode(ep, ["/bin/sh", str(sh)], timeout=120)
+
+        ta = threading.Thread(target=run, args=(episode_id, flooder.read_text()))
+        ta.start()
+        assert wait_for(lambda: t.rt.probes.counters()["rate_dropped"] > 0, 60), t.rt.probes.counters()
+        others = [threading.Thread(target=run, args=(ep, scripts[ep])) for ep in eps]
+        for th in others:
+            th.start()
+        for th in [ta, *others]:
+            th.join(150)
+            assert not th.is_alive()
+        # every class judged, in every episode, while the flood ran
+        assert not (tmp_path / "mined-b").exists()
+        assert t.expect_alert(eps[0], "miner-by-argv", timeout=20)["enforced"]
+        assert (tmp_path / "conn").read_text() == "EPERM"
+        t.expect_alert(eps[1], "node-control-port", timeout=20)
+        assert listener.accepted == 0
+        assert (tmp_path / "unix").read_text() == "ECONNREFUSED"
+        assert (tmp_path / "unixrel").read_text() == "ECONNREFUSED"
+        for ep in eps[2:4]:
+            t.expect_alert(ep, "container-engine-socket", timeout=20)
+        assert [g["verdict"] for g in t.find(type="unix_gate", episode=eps[3])] == ["denied"]
+        for ep in (eps[4], episode_id):
+            a = t.expect_alert(ep, "stratum-on-the-wire", timeout=20)
+            assert a["enforced"], a
+        assert b"mining" not in pool.data, pool.data[:200]
+        # the loss is the flooder's alone
+        lost = t.wait(type="lost", episode=episode_id, kind="episode_rate", timeout=20)
+        assert lost and sum(r["count"] for r in lost) > 0
+        for ep in eps:
+            assert not t.find(type="lost", episode=ep, kind="episode_rate"), ep
+    finally:
+        pool.close()
+        engine.close()
+        import shutil
+
+        shutil.rmtree(sockdir, ignore_errors=True)
+        for ep in eps:
+            cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
