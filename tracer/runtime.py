@@ -69,6 +69,8 @@ class RunOptions:
     verdict_retention: float = 0.0  # seconds a finished episode's verdict file is kept (0: forever)
     metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics and /healthz
     outputs: list[dict[str, Any]] = field(default_factory=list)  # validated [[outputs]] tables
+    pin_dir: Path | None = None  # pinned state base (tracer/pins.py PIN_BASE); None: nothing pinned
+    keep_enforcing: bool = False  # a clean stop leaves the pins
     config: Any = None  # the tracer.config.Config this run started from
     config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
 
@@ -114,7 +116,8 @@ class Runtime:
             sinks.append(VerdictSink(opts.verdict_dir, retention=opts.verdict_retention))
         sinks.extend(opts.extra_sinks)
         pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages,
-                           attach_unix_connect=opts.unix_connect_hook)
+                           attach_unix_connect=opts.unix_connect_hook, pin_base=opts.pin_dir,
+                           keep_pins=opts.keep_enforcing)
         if opts.gpu_prefixes is not None:
             pcfg.gpu_prefixes = opts.gpu_prefixes
         # the engine (policy + actions) is built before the probes so that an
@@ -148,6 +151,9 @@ class Runtime:
         if opts.preexisting_sockets:
             self._emit_preexisting_sockets()
         selftest = engine.selftest() if engine is not None else {}
+        # policy and episodes are in our maps: an older layout's pinned set
+        # hands over now (tracer/probes.py commit)
+        pinned = self.probes.commit()
         self.service.start()
         self.ready_record = {
             "type": "ready",
@@ -158,6 +164,7 @@ class Runtime:
             "mode": "monitor" if opts.monitor else "enforce",
             "programs": self.probes.attached_programs(),
             "hooks": dict(self.probes.hooks),
+            "pinned": pinned,
             "policy_version": engine.policy_version if engine is not None else None,
             "selftest": selftest,
             "compile_s": round(self.probes.compile_s, 3),
