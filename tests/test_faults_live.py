@@ -136,6 +136,10 @@ def test_crash_restart_keeps_enforcing_and_adopts(lock, listener, tmp_path):
         assert left.get("at_connect4") == 1, left  # the sock_addr links live on in their pins
         assert "at_wire_egress" not in left  # the wire links die with the process (docs/faults.md)
         assert any(PIN_BASE.glob("*/maps/gated"))
+        from tracer.doctor import pins_check
+
+        c = pins_check()  # doctor says the kernel enforces alone
+        assert c.status == "warn" and "no tracer running" in c.detail, c
 
         # --- during the outage: the denied connect is refused, the exec held
         (tmp_path / "go").touch()
