@@ -190,3 +190,69 @@ def test_crash_restart_keeps_enforcing_and_adopts(lock, listener, tmp_path):
         if PIN_BASE.exists():
             subprocess.run(["rm", "-rf", str(PIN_BASE)], check=False)
         wait_for(lambda: not _programs(), 10)
+
+
+RUNNER = r"""
+import sys
+from tracer.api import run_episode
+run_episode(sys.argv[1], ["/bin/sh", "-c", "echo $$ > " + sys.argv[2] + "; exec sleep 600"], control_socket=None,
+            verdict_dir=__import__("pathlib").Path(sys.argv[3]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return st != "Z"
+
+
+@pytest.mark.parametrize("policy", ["kill", "keep"])
+def test_runner_death_ends_its_episode(live_tracer, tmp_path, episode_id, policy):
+    """SIGKILL of the runner: with orphan_episode = kill the episode ends
+    (reason runner-died) within the grace and nothing of it is left; with
+    keep it runs on. A cgroup episode without a runner is never touched."""
+    from tracer.runners import RUNNER_DIR
+
+    t = live_tracer(orphan_episode=policy, orphan_grace=1.0).start()
+    plain = cgroups.cgroup2_mount() / "agent-tracer" / f"{episode_id}-plain"
+    plain.mkdir()
+    bystander = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {plain}/cgroup.procs; exec sleep 600"])
+    (tmp_path / "runner.py").write_text(RUNNER)
+    runner = subprocess.Popen([PY, str(tmp_path / "runner.py"), episode_id, str(tmp_path / "cmd.pid"), str(tmp_path)],
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    cg = cgroups.cgroup2_mount() / "agent-tracer" / episode_id
+    try:
+        assert wait_for(lambda: (tmp_path / "cmd.pid").exists() and (tmp_path / "cmd.pid").read_text().strip(), 30)
+        cmd_pid = int((tmp_path / "cmd.pid").read_text())
+        assert t.wait(type="episode_start", episode=episode_id, timeout=20)
+        assert (RUNNER_DIR / episode_id).exists()
+        runner.kill()
+        runner.wait(10)
+        if policy == "kill":
+            end = t.wait(type="episode_end", episode=episode_id, timeout=30)
+            assert end and end[0]["reason"] == "runner-died", end
+            assert t.find(type="episode_command", episode=episode_id, by="runner-died")
+            assert wait_for(lambda: not _alive(cmd_pid), 10)
+            assert wait_for(lambda: not cg.exists(), 10)
+            assert not (RUNNER_DIR / episode_id).exists()
+        else:
+            cmdrec = t.wait(type="episode_command", episode=episode_id, timeout=30)
+            assert cmdrec and cmdrec[0]["cmd"] == "keep" and cmdrec[0]["by"] == "runner-died", cmdrec
+            assert _alive(cmd_pid) and cg.exists()
+            assert not t.find(type="episode_end", episode=episode_id)
+        # the episode without a runner runs on
+        assert _alive(bystander.pid)
+        assert not t.find(type="episode_command", episode=f"{episode_id}-plain")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        bystander.kill()
+        bystander.wait(10)
+        for c in (cg, plain):
+            try:
+                cgroups.remove(c)
+            except Exception:
+                pass
+        (RUNNER_DIR / episode_id).unlink(missing_ok=True)

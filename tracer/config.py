@@ -272,6 +272,11 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         "while the tracer is down and the next start adopts it", "--pin-state"),
     Key("keep_enforcing", _bool, False, "a clean stop leaves the pins (kernel enforcement continues until the next "
         "start)", "--keep-enforcing"),
+    Key("orphan_episode", _choice("kill", "freeze", "keep"), "kill",
+        "an episode whose `episode run` runner died: kill (episode_end runner-died), freeze or keep",
+        "--orphan-episode"),
+    Key("orphan_grace", _float(0, 3600), 5.0, "seconds after a runner's death before orphan_episode applies",
+        "--orphan-grace"),
 ]}
 
 
@@ -400,6 +405,7 @@ def run_options(cfg: Config, **extra: Any):
         episode_rate=v["episode_rate"], episode_burst=v["episode_burst"],
         dns_upstreams=list(v["dns_upstreams"]) or None, dns_ttl_grace=v["dns_ttl_grace"],
         pin_dir=PIN_BASE if v["pin_state"] else None, keep_enforcing=v["keep_enforcing"],
+        orphan_episode=v["orphan_episode"], orphan_grace=v["orphan_grace"],
         **extra,
     )
 

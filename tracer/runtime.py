@@ -71,6 +71,8 @@ class RunOptions:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # validated [[outputs]] tables
     pin_dir: Path | None = None  # pinned state base (tracer/pins.py PIN_BASE); None: nothing pinned
     keep_enforcing: bool = False  # a clean stop leaves the pins
+    orphan_episode: str = "kill"  # an episode whose runner died (tracer/runners.py): kill | freeze | keep
+    orphan_grace: float = 5.0  # seconds after the runner's death
     config: Any = None  # the tracer.config.Config this run started from
     config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
 
@@ -104,6 +106,7 @@ class Runtime:
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
         self.episode_loss = EpisodeLoss()
         self.service: Any = None  # tracer.node_service.NodeService once started
+        self.runners: Any = None  # tracer.runners.RunnerWatch once started
         self._reload_pending = False
 
     # ----------------------------------------------------------------- start
@@ -154,6 +157,9 @@ class Runtime:
         # policy and episodes are in our maps: an older layout's pinned set
         # hands over now (tracer/probes.py commit)
         pinned = self.probes.commit()
+        from .runners import RunnerWatch
+
+        self.runners = RunnerWatch(opts.orphan_episode, opts.orphan_grace)
         self.service.start()
         self.ready_record = {
             "type": "ready",
@@ -364,6 +370,9 @@ class Runtime:
             pl.emit(r)
         for r in self.tracker.scan_cgroups(wall):
             pl.emit(r)
+        if self.runners is not None:  # episodes whose runner died (tracer/runners.py)
+            for r in self.runners.poll(self.tracker, now_mono, wall):
+                pl.emit(r)
         svc = self.service
         for r in svc.tick(wall):
             pl.emit(r)
@@ -440,6 +449,8 @@ class Runtime:
             self.gpu = None
         for h in self._poll_hooks:
             h()
+        if self.runners is not None:
+            self.runners.close()
         if self.flows is not None and self.probes is not None:
             self.flows.close()  # before the wire programs go: held flows cannot stay held
         if self.pipeline is not None and self.pipeline.engine is not None:
