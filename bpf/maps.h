@@ -4,6 +4,38 @@
 #ifndef AT_MAPS_H
 #define AT_MAPS_H
 
+/* Pinned maps (docs/faults.md): with AT_PIN_DIR (a bpffs directory, set by
+ * the loader) every map below is created and pinned at AT_PIN_DIR/<name>,
+ * or, when that pin exists (a previous instance of the same layout
+ * version), the pinned map is reused: the kernel state survives the tracer
+ * process. bcc's pinned form is its table type "type:path"; the table
+ * macros are redefined so every declaration here takes it. */
+#ifdef AT_PIN_DIR
+#define AT_PIN(_name) ":" AT_PIN_DIR "/" #_name
+#else
+#define AT_PIN(_name) ""
+#endif
+#undef BPF_TABLE
+#define BPF_TABLE(_table_type, _key_type, _leaf_type, _name, _max_entries) \
+  BPF_F_TABLE(_table_type AT_PIN(_name), _key_type, _leaf_type, _name, _max_entries, 0)
+#undef BPF_LPM_TRIE4
+#define BPF_LPM_TRIE4(_name, _key_type, _leaf_type, _size) \
+  BPF_F_TABLE("lpm_trie" AT_PIN(_name), _key_type, _leaf_type, _name, _size, BPF_F_NO_PREALLOC)
+/* bcc's BPF_RINGBUF_OUTPUT with the pinned section */
+#undef BPF_RINGBUF_OUTPUT
+#define BPF_RINGBUF_OUTPUT(_name, _num_pages) \
+struct _name##_table_t { \
+  int key; \
+  u32 leaf; \
+  int (*ringbuf_output) (void *, u64, u64); \
+  void* (*ringbuf_reserve) (u64); \
+  void (*ringbuf_discard) (void *, u64); \
+  void (*ringbuf_submit) (void *, u64); \
+  u32 max_entries; \
+}; \
+__attribute__((section("maps/ringbuf" AT_PIN(_name)))) \
+struct _name##_table_t _name = { .max_entries = ((_num_pages) * PAGE_SIZE) }
+
 BPF_RINGBUF_OUTPUT(events, AT_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, AT_EV_KIND_MAX);
 BPF_PERCPU_ARRAY(counters, u64, AT_CNT_MAX);
@@ -69,7 +101,7 @@ struct flow {
 };
 BPF_HASH(flows, u64, struct flow, 65536);
 BPF_HASH(flow_verdict, u64, struct flow_verdict, 65536);
-BPF_F_TABLE("hash", u64, struct wire_event, flow_bufs, 4096, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash" AT_PIN(flow_bufs), u64, struct wire_event, flow_bufs, 4096, BPF_F_NO_PREALLOC);
 BPF_HASH(flow_held, u64, u64, 4096);
 BPF_ARRAY(wire_zero, struct wire_event, 1);
 

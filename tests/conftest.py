@@ -27,6 +27,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no NVIDIA GPU/driver on this machine (runs on the GPU node)"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_pins():
+    """Session cleanup: no test may leave pinned tracer state (tracer/pins.py)
+    behind. Leftovers are removed (their programs detach) and reported as an
+    error of the session."""
+    yield
+    if not IS_ROOT:
+        return
+    import fcntl
+
+    from at_testlib import LIVE_LOCK
+    from tracer.pins import PIN_BASE
+
+    with open(LIVE_LOCK, "w") as lock:  # not while another session's live tracer runs
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        left = sorted(str(p.relative_to(PIN_BASE)) for p in PIN_BASE.rglob("*")) if PIN_BASE.exists() else []
+        owners = {int(p.name.rsplit("@", 1)[1]) for p in PIN_BASE.glob("*/links/*@*")} if left else set()
+        if any(Path(f"/proc/{pid}").exists() for pid in owners):
+            return  # a tracer that is running on this node owns them (not a test's)
+        if PIN_BASE.exists():
+            shutil.rmtree(PIN_BASE, ignore_errors=True)
+    assert not left, f"tests left pinned state in {PIN_BASE} (removed now): {left[:20]}"
+
+
 @pytest.fixture
 def live_tracer():
     made: list[LiveTracer] = []

@@ -226,9 +226,13 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     except FileExistsError:
         raise EpisodeError(f"episode {episode!r} is already running (cgroup {cg} exists)") from None
     t0 = time.monotonic()
+    from .runners import register as register_runner, unregister as unregister_runner  # issue 17: runner death
+
     try:
+        register_runner(episode)
         await_registration(episode, control_socket, register_timeout)
     except BaseException:
+        unregister_runner(episode)
         cgroups.remove(cg)
         raise
     procs_file = str(cg / "cgroup.procs")
@@ -270,6 +274,7 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
             for s, h in old.items():
                 signal.signal(s, h)
     finally:
+        unregister_runner(episode)  # before the cgroup goes: a tracer never takes this for a runner's death
         if not keep_stragglers or proc is None:
             cgroups.remove(cg)
         if gpu:

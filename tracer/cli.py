@@ -100,6 +100,16 @@ def _run_options(f):
         click.option("--monitor/--enforce", "monitor", default=None,
                      help="Monitor mode: deny or kill nothing; alerts say what would have been done."),
         click.option("--no-dashboard", is_flag=True, help="Do not show the live view in this terminal."),
+        click.option("--pin-state/--no-pin-state", "pin_state", default=None,
+                     help="Pin maps and links in /sys/fs/bpf/agent-tracer so the kernel keeps enforcing while the "
+                          "tracer is down; a start adopts them. [default: on]"),
+        click.option("--keep-enforcing/--no-keep-enforcing", "keep_enforcing", default=None,
+                     help="A clean stop leaves the pins: the kernel keeps enforcing until the next start."),
+        click.option("--orphan-episode", type=click.Choice(["kill", "freeze", "keep"]), default=None,
+                     help="An episode whose `episode run` runner died (SIGKILL, OOM): kill it, freeze it or keep "
+                          "it running. [default: kill]"),
+        click.option("--orphan-grace", type=click.FloatRange(0, 3600), default=None,
+                     help="Seconds after a runner's death before --orphan-episode applies. [default: 5.0]"),
         click.option("--ringbuf-pages", type=click.IntRange(1, 1 << 18), default=None,
                      help="Ring buffer size in 4 KiB pages (power of two). [default: 2048]"),
         click.option("--control-socket", default=None, metavar="PATH",
@@ -156,7 +166,8 @@ def _run_options(f):
 _FLAG_KEYS = ("log", "log_max_bytes", "log_keep", "site_policy_dir", "monitor", "ringbuf_pages", "control_socket",
               "gate_timeout", "gate_default", "gpu_interval", "relay_interval", "relay_min_age", "stats_interval",
               "metrics_listen", "verdict_dir", "verdict_retention", "gate_proc_grace", "wire_timeout",
-              "max_episodes", "ended_keep", "ended_keep_s", "episode_rate", "episode_burst", "dns_ttl_grace")
+              "max_episodes", "ended_keep", "ended_keep_s", "episode_rate", "episode_burst", "dns_ttl_grace",
+              "pin_state", "keep_enforcing", "orphan_episode", "orphan_grace")
 
 
 def _flags(kw: dict) -> dict:

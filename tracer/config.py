@@ -267,6 +267,16 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         "--dns-upstream"),
     Key("dns_ttl_grace", _float(0, 300), 2.0, "egress mode: seconds an answered address stays allowed past its TTL",
         "--dns-ttl-grace"),
+    # pinned state (docs/faults.md)
+    Key("pin_state", _bool, True, "pin maps and links in /sys/fs/bpf/agent-tracer: the kernel keeps enforcing "
+        "while the tracer is down and the next start adopts it", "--pin-state"),
+    Key("keep_enforcing", _bool, False, "a clean stop leaves the pins (kernel enforcement continues until the next "
+        "start)", "--keep-enforcing"),
+    Key("orphan_episode", _choice("kill", "freeze", "keep"), "kill",
+        "an episode whose `episode run` runner died: kill (episode_end runner-died), freeze or keep",
+        "--orphan-episode"),
+    Key("orphan_grace", _float(0, 3600), 5.0, "seconds after a runner's death before orphan_episode applies",
+        "--orphan-grace"),
 ]}
 
 
@@ -375,6 +385,7 @@ def missing_policy_paths(cfg: Config) -> list[str]:
 
 def run_options(cfg: Config, **extra: Any):
     """RunOptions from a Config (the runtime's dataclass; extra: not config)."""
+    from .pins import PIN_BASE
     from .runtime import RunOptions
 
     v = cfg.values
@@ -393,6 +404,8 @@ def run_options(cfg: Config, **extra: Any):
         max_episodes=v["max_episodes"], ended_keep=v["ended_keep"], ended_keep_s=v["ended_keep_s"],
         episode_rate=v["episode_rate"], episode_burst=v["episode_burst"],
         dns_upstreams=list(v["dns_upstreams"]) or None, dns_ttl_grace=v["dns_ttl_grace"],
+        pin_dir=PIN_BASE if v["pin_state"] else None, keep_enforcing=v["keep_enforcing"],
+        orphan_episode=v["orphan_episode"], orphan_grace=v["orphan_grace"],
         **extra,
     )
 

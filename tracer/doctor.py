@@ -96,9 +96,32 @@ def run_checks(selftest: bool = True) -> list[Check]:
     out.append(Check("ringbuf", "ok" if kv >= (5, 8) else "fail", "BPF ring buffer (kernel >= 5.8)",
                      "upgrade the kernel to >= 5.8"))
     out.append(_gpu_check())
+    out.append(pins_check())
     if selftest and root and all(c.status != "fail" for c in out if c.required):
         out.extend(_selftest())
     return out
+
+
+def pins_check() -> Check:
+    """The pinned state (tracer/pins.py): whose it is, and whether the next
+    start adopts it (same layout) or replaces it."""
+    from .pins import PIN_BASE
+
+    if not PIN_BASE.exists() or not any(PIN_BASE.iterdir()):
+        return Check("pinned-state", "ok", f"none in {PIN_BASE} (a start attaches a fresh set)", required=False)
+    parts = []
+    orphaned = False
+    for d in sorted(PIN_BASE.iterdir()):
+        links = sorted((d / "links").glob("*@*")) if (d / "links").is_dir() else []
+        owners = sorted({int(p.name.rsplit("@", 1)[1]) for p in links})
+        alive = [pid for pid in owners if Path(f"/proc/{pid}").exists()]
+        orphaned |= not alive
+        who = f"tracer pid {', '.join(map(str, alive))} running" if alive else \
+            f"no tracer running (left by pid {', '.join(map(str, owners)) or '?'}): the kernel enforces alone"
+        parts.append(f"layout {d.name}: {len(links)} links, {who}")
+    return Check("pinned-state", "warn" if orphaned else "ok", "; ".join(parts),
+                 "start the tracer: it adopts a pinned set of its own layout and replaces any other"
+                 if orphaned else "", required=False)
 
 
 # the hooks of membership, exec and GPU opens, and what each one gives

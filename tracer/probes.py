@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import events
+from . import events, pins
 from .cgroups import cgroup2_mount, cgroup_id
 from .events import SLOT_INDEX_MASK, Config, Counter, Kind
 from .paths import BPF_DIR
@@ -45,7 +45,6 @@ EGRESS_PROGS = {
     "at_post_bind6": ("CGROUP_SOCK", "CGROUP_INET6_POST_BIND"),
     "at_udp_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
 }
-BPF_F_ALLOW_MULTI = 2
 # enum bpf_attach_type BPF_CGROUP_UNIX_CONNECT (kernel 6.7+); bcc 0.26 has no
 # name for it, the kernel takes the number
 UNIX_CONNECT_ATTACH = 49
@@ -67,21 +66,9 @@ def _malloc_trim() -> None:
         pass
 
 
-_SYS_BPF = 321  # x86_64
-_BPF_LINK_CREATE = 28
-
-
 def _link_create(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
     """BPF_LINK_CREATE of a cgroup program (kernel >= 5.7): the link fd."""
-    attr = (ctypes.c_uint32 * 16)()
-    attr[0], attr[1], attr[2], attr[3] = prog_fd, cgroup_fd, attach_type, 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_LINK_CREATE (attach type {attach_type}): {os.strerror(err)}")
-    return int(fd)
+    return pins.link_create(prog_fd, cgroup_fd, attach_type)
 
 
 def ensure_tracefs() -> None:
@@ -102,6 +89,11 @@ class ProbeConfig:
     attach_unix_connect: bool = True  # the cgroup unix-connect program (bpf/nodesvc.h), where the kernel has it
     drain_budget: int = DRAIN_BUDGET  # records per poll (0: no bound)
     extra_cflags: list[str] = field(default_factory=list)
+    # pinned state (tracer/pins.py, docs/faults.md): maps and links in bpffs,
+    # adopted by the next start of the same layout; None: nothing pinned
+    # (the programs die with the process, as for doctor and most tests)
+    pin_base: Path | None = None
+    keep_pins: bool = False  # a clean stop leaves the pins (the kernel keeps enforcing)
 
 
 def episode_root() -> Path:
@@ -172,11 +164,59 @@ class Probes:
             f"-DAT_HAVE_GROUP_DEAD={int(tracepoint_has_field('sched', 'sched_process_exit', 'group_dead'))}",
             *cfg.extra_cflags,
         ]
+        source = bpf_source()
+        # pinned state: this layout's directory, adopted when a previous
+        # instance left it; other layouts' directories are replaced at commit()
+        self.pin_dir: Path | None = None
+        self.layout_version: str | None = None
+        self.adopted = False  # a previous instance's maps and links were taken over
+        self._old_links: dict[str, Path] = {}  # same layout, previous instance: prog key -> pin
+        self._stale_dirs: list[Path] = []  # other layouts' pin directories
+        self._links: dict[str, int] = {}  # prog key -> our link fd (pinned when pin_dir)
+        self._committed = True
+        if cfg.pin_base is not None:
+            try:
+                pins.ensure_bpffs()
+            except OSError as e:
+                raise ProbeError(str(e)) from e
+            self.layout_version = pins.layout_version(source, cflags)
+            base = Path(cfg.pin_base)
+            self.pin_dir = base / self.layout_version
+            self._old_links = pins.link_pins(self.pin_dir)
+            self.adopted = (self.pin_dir / "maps" / "config").exists()
+            if base.is_dir():
+                self._stale_dirs = [d for d in sorted(base.iterdir()) if d != self.pin_dir]
+            (self.pin_dir / "links").mkdir(parents=True, exist_ok=True)
+            cflags.append(f'-DAT_PIN_DIR="{self.pin_dir / "maps"}"')
+            # a new layout over an older running set: its cgroup links are
+            # switched to ours once our maps hold the policy and episodes
+            self._committed = not any(pins.link_pins(d) for d in self._stale_dirs)
         t0 = time.monotonic()
+        links = self._links
+
+        class _LinkedBPF(BPF):
+            """bcc with its tracepoints attached through BPF links
+            (BPF_PERF_EVENT), which can be pinned; bcc's own attachment is a
+            perf event ioctl that ends with the process."""
+
+            def attach_tracepoint(self, tp=b"", tp_re=b"", fn_name=b""):
+                if tp_re or not tp:
+                    return super().attach_tracepoint(tp=tp, tp_re=tp_re, fn_name=fn_name)
+                fn = self.load_func(fn_name, BPF.TRACEPOINT)
+                cat, name = (tp.decode() if isinstance(tp, bytes) else tp).split(":")
+                pfd = pins.tracepoint_perf_fd(cat, name)
+                try:
+                    links[f"tp:{cat}:{name}"] = pins.link_create(fn.fd, pfd, pins.BPF_PERF_EVENT)
+                finally:
+                    os.close(pfd)  # the link holds the perf event
+                return self
+
         try:
-            self.bpf = BPF(text=bpf_source().encode(), cflags=cflags)
+            self.bpf = _LinkedBPF(text=source.encode(), cflags=cflags)
         except Exception as e:
+            self._close_links()
             raise ProbeError(f"compiling/loading bpf/tracer.c failed: {e}") from e
+        self._pin_tracepoint_links()
         self.compile_s = time.monotonic() - t0
         _malloc_trim()  # give back the compiler's heap (about 37 MB stays mapped otherwise)
         self.programs: list[str] = sorted(
@@ -192,6 +232,9 @@ class Probes:
         self._cg_root_fd = -1
         self.config_map = self.bpf["config"]
         self._set_cfg(Config.EPISODE_ROOT, self.episode_root_id)
+        if self.adopted:  # the previous instance's tree is gone (its pids may be reused)
+            t = self.bpf["self_tree"]
+            t.clear()
         # the tracer's own process tree is never gated outside episodes
         self.bpf["self_tree"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
         for i, prefix in enumerate(cfg.gpu_prefixes[: events.GPU_PREFIX_MAX]):
@@ -256,13 +299,13 @@ class Probes:
             for fn_name, type_name in SOCK_ADDR_PROGS.items():
                 at = getattr(attach_types, type_name)
                 fn = self.bpf.load_func(fn_name, BPF.CGROUP_SOCK_ADDR, attach_type=at)
-                BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
-                self._sock_attached.append((fn, self._cg_root_fd, at))
+                self._sock_attached.append((fn, fn_name, int(at)))
             for fn_name, (prog_type, type_name) in EGRESS_PROGS.items():
                 at = getattr(attach_types, type_name)
                 fn = self.bpf.load_func(fn_name, getattr(BPF, prog_type), attach_type=at)
-                BPF.attach_func(fn, self._cg_root_fd, at, BPF_F_ALLOW_MULTI)
-                self._sock_attached.append((fn, self._cg_root_fd, at))
+                self._sock_attached.append((fn, fn_name, int(at)))
+            if self._committed:
+                self._link_cgroup_progs()
         except Exception as e:
             self._detach_sock_addr()
             raise ProbeError(f"attaching cgroup sock_addr programs failed: {e}") from e
@@ -302,13 +345,14 @@ class Probes:
         BPF = self._BPF
         try:
             fn = self.bpf.load_func(UNIX_CONNECT_PROG, BPF.CGROUP_SOCK_ADDR, attach_type=UNIX_CONNECT_ATTACH)
-            BPF.attach_func(fn, self._cg_root_fd, UNIX_CONNECT_ATTACH, BPF_F_ALLOW_MULTI)
+            if self._committed:
+                self._link_cgroup_prog(fn, UNIX_CONNECT_PROG, UNIX_CONNECT_ATTACH)
         except Exception as e:  # an older kernel: EINVAL on load or attach
             why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             self.hooks["unix_connect"] = f"absent: {why} (kernel {os.uname().release}; needs 6.7+)"
             log.warning("cgroup unix-connect hook unavailable: %s; unix deny rules only alert", e)
             return
-        self._sock_attached.append((fn, self._cg_root_fd, UNIX_CONNECT_ATTACH))
+        self._sock_attached.append((fn, UNIX_CONNECT_PROG, UNIX_CONNECT_ATTACH))
         self._unix_attached = True
         self.hooks["unix_connect"] = "ok"
 
@@ -316,13 +360,113 @@ class Probes:
     def unix_connect(self) -> bool:
         return self._unix_attached
 
-    def _detach_sock_addr(self) -> None:
-        BPF = self._BPF
-        for fn, fd, at in reversed(self._sock_attached):
+    # ------------------------------------------------------- links and pins
+    def _link_path(self, key: str) -> Path | None:
+        return None if self.pin_dir is None else self.pin_dir / "links" / f"{key}@{os.getpid()}"
+
+    def _link_cgroup_prog(self, fn, fn_name: str, attach_type: int) -> None:
+        """Attach one cgroup program through a BPF link at the cgroup2 root
+        (pinned when pinning): a previous instance's link of the same
+        program is switched to ours in place (BPF_LINK_UPDATE: no moment
+        without one, and still one link), else a new link is made."""
+        key = f"cg:{fn_name}"
+        if key in self._links:
+            return
+        old = self._old_links.get(key) or next(
+            (pins.link_pins(d)[key] for d in self._stale_dirs if key in pins.link_pins(d)), None)
+        fd = -1
+        if old is not None:
             try:
-                BPF.detach_func(fn, fd, at)
-            except Exception as e:  # pragma: no cover
-                log.warning("detaching %s: %s", fn, e)
+                fd = pins.obj_get(old)
+                pins.link_update(fd, fn.fd)
+            except OSError as e:
+                log.warning("taking over link %s: %s; making a new one", old, e)
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+        if fd < 0:
+            fd = pins.link_create(fn.fd, self._cg_root_fd, attach_type)
+        self._links[key] = fd
+        path = self._link_path(key)
+        if path is not None:
+            pins.obj_pin(fd, path)
+            if old is not None and old != path:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+
+    def _link_cgroup_progs(self) -> None:
+        for fn, fn_name, at in self._sock_attached:
+            self._link_cgroup_prog(fn, fn_name, at)
+
+    def _pin_tracepoint_links(self) -> None:
+        """Pin our tracepoint links, then drop a previous instance's of the
+        same layout (for that moment both run: a record can come twice)."""
+        if self.pin_dir is None:
+            return
+        for key, fd in self._links.items():
+            if key.startswith("tp:"):
+                pins.obj_pin(fd, self._link_path(key))
+        for key, old in self._old_links.items():
+            if key.startswith("tp:"):
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+
+    def commit(self) -> dict[str, object]:
+        """After the policy and the episodes are in our maps: take over the
+        cgroup links of an older layout's instance, hand its held execs to
+        our gate map, drop its pins and every legacy (non-link) attachment
+        of our programs. Returns what was found (the ready record's
+        `pinned`)."""
+        out: dict[str, object] = {"adopted": self.adopted, "layout": self.layout_version}
+        if self._cg_root_fd < 0:
+            return out
+        if not self._committed:
+            self._link_cgroup_progs()
+            self._committed = True
+        handed = 0
+        for d in self._stale_dirs:
+            for pid in pins.pinned_map_keys(d / "maps" / "gated"):
+                try:
+                    self.bpf["gated"][ctypes.c_uint(pid)] = ctypes.c_uint(1)
+                    handed += 1
+                except Exception as e:  # pragma: no cover - map full
+                    log.warning("gated: cannot take over held pid %d: %s", pid, e)
+            pins.remove_tree(d)
+        out["replaced"] = [d.name for d in self._stale_dirs]
+        out["gated_handed_over"] = handed
+        self._stale_dirs = []
+        removed = []
+        names = {fn_name: at for _fn, fn_name, at in self._sock_attached}
+        for prog_id, _at, name in pins.legacy_attachments(cgroup2_mount(), set(names)):
+            at = next((a for n, a in names.items() if n[:15] == name[:15]), None)
+            if at is None:
+                continue
+            try:
+                pins.prog_detach(self._cg_root_fd, prog_id, at)
+                removed.append(name)
+            except OSError as e:
+                log.warning("detaching legacy %s (prog %d): %s", name, prog_id, e)
+        out["legacy_detached"] = removed
+        return out
+
+    def _close_links(self) -> None:
+        for fd in self._links.values():
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+        self._links.clear()
+
+    def _detach_sock_addr(self) -> None:
+        for key in [k for k in self._links if k.startswith("cg:")]:
+            try:
+                os.close(self._links.pop(key))
+            except OSError:  # pragma: no cover
+                pass
         self._sock_attached.clear()
         self._close_wire_links()
         if self._cg_root_fd >= 0:
@@ -332,20 +476,30 @@ class Probes:
     def attached_programs(self) -> list[str]:
         tps = [f"tracepoint:{k}" for k in sorted(self._tracepoints())]
         socks = [f"cgroup:{n}" for n in (*SOCK_ADDR_PROGS, *EGRESS_PROGS) if self._sock_attached]
+        if not self._committed:  # an older layout's set runs until commit()
+            socks = []
         if self._unix_attached:
             socks.append(f"cgroup:{UNIX_CONNECT_PROG}")
         return tps + socks + [f"cgroup:{n}" for n in self.wire_attached]
 
     def _tracepoints(self) -> list[str]:
         try:
-            return [
-                (tp.decode() if isinstance(tp, bytes) else str(tp)) for tp in self.bpf.tracepoint_fds
-            ]
+            return [k[3:] for k in self._links if k.startswith("tp:")]
         except Exception:  # pragma: no cover
             return []
 
     def close(self) -> None:
+        """Detach: our link fds are closed; the pins go too (every program
+        then detaches) unless keep_pins, which leaves the kernel side
+        enforcing with the last policy until the next start adopts it."""
         self._detach_sock_addr()
+        self._close_links()
+        if self.pin_dir is not None and not self.cfg.keep_pins:
+            pins.remove_tree(self.pin_dir)
+            try:
+                self.pin_dir.parent.rmdir()  # the base, when no other layout is left
+            except OSError:
+                pass
         try:
             self.bpf.cleanup()
         except Exception as e:  # pragma: no cover

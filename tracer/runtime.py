@@ -69,6 +69,10 @@ class RunOptions:
     verdict_retention: float = 0.0  # seconds a finished episode's verdict file is kept (0: forever)
     metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics and /healthz
     outputs: list[dict[str, Any]] = field(default_factory=list)  # validated [[outputs]] tables
+    pin_dir: Path | None = None  # pinned state base (tracer/pins.py PIN_BASE); None: nothing pinned
+    keep_enforcing: bool = False  # a clean stop leaves the pins
+    orphan_episode: str = "kill"  # an episode whose runner died (tracer/runners.py): kill | freeze | keep
+    orphan_grace: float = 5.0  # seconds after the runner's death
     config: Any = None  # the tracer.config.Config this run started from
     config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
 
@@ -102,6 +106,7 @@ class Runtime:
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
         self.episode_loss = EpisodeLoss()
         self.service: Any = None  # tracer.node_service.NodeService once started
+        self.runners: Any = None  # tracer.runners.RunnerWatch once started
         self._reload_pending = False
 
     # ----------------------------------------------------------------- start
@@ -114,7 +119,8 @@ class Runtime:
             sinks.append(VerdictSink(opts.verdict_dir, retention=opts.verdict_retention))
         sinks.extend(opts.extra_sinks)
         pcfg = ProbeConfig(scope_all=opts.scope_all, ringbuf_pages=opts.ringbuf_pages,
-                           attach_unix_connect=opts.unix_connect_hook)
+                           attach_unix_connect=opts.unix_connect_hook, pin_base=opts.pin_dir,
+                           keep_pins=opts.keep_enforcing)
         if opts.gpu_prefixes is not None:
             pcfg.gpu_prefixes = opts.gpu_prefixes
         # the engine (policy + actions) is built before the probes so that an
@@ -148,6 +154,12 @@ class Runtime:
         if opts.preexisting_sockets:
             self._emit_preexisting_sockets()
         selftest = engine.selftest() if engine is not None else {}
+        # policy and episodes are in our maps: an older layout's pinned set
+        # hands over now (tracer/probes.py commit)
+        pinned = self.probes.commit()
+        from .runners import RunnerWatch
+
+        self.runners = RunnerWatch(opts.orphan_episode, opts.orphan_grace)
         self.service.start()
         self.ready_record = {
             "type": "ready",
@@ -158,6 +170,7 @@ class Runtime:
             "mode": "monitor" if opts.monitor else "enforce",
             "programs": self.probes.attached_programs(),
             "hooks": dict(self.probes.hooks),
+            "pinned": pinned,
             "policy_version": engine.policy_version if engine is not None else None,
             "selftest": selftest,
             "compile_s": round(self.probes.compile_s, 3),
@@ -357,6 +370,9 @@ class Runtime:
             pl.emit(r)
         for r in self.tracker.scan_cgroups(wall):
             pl.emit(r)
+        if self.runners is not None:  # episodes whose runner died (tracer/runners.py)
+            for r in self.runners.poll(self.tracker, now_mono, wall):
+                pl.emit(r)
         svc = self.service
         for r in svc.tick(wall):
             pl.emit(r)
@@ -433,6 +449,8 @@ class Runtime:
             self.gpu = None
         for h in self._poll_hooks:
             h()
+        if self.runners is not None:
+            self.runners.close()
         if self.flows is not None and self.probes is not None:
             self.flows.close()  # before the wire programs go: held flows cannot stay held
         if self.pipeline is not None and self.pipeline.engine is not None:
