@@ -120,7 +120,10 @@ def test_quick_bench_runs_every_section_and_cleans_up(tmp_path):
 @pytest.mark.timeout(300)
 def test_interrupted_bench_stops_everything_it_started(tmp_path):
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "agent-tracer-bench-*")))
-    p = subprocess.Popen([sys.executable, "-m", "tracer.cli", "bench", "--quick", "--only", "throughput",
+    # full sizes: after its first step the ramp has at least two more 5 s
+    # steps to run (ramp_over), so the SIGINT always lands mid-run (with
+    # --quick the bench could finish first and exit 0)
+    p = subprocess.Popen([sys.executable, "-m", "tracer.cli", "bench", "--only", "throughput", "--no-profile",
                           "--json", str(tmp_path / "b.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
@@ -131,9 +134,9 @@ def test_interrupted_bench_stops_everything_it_started(tmp_path):
             if not line:
                 break
             seen.append(line)
-            if "offered 5,000/s" in line:  # a tracer and an episode exist now
+            if "offered 25,000/s" in line:  # a tracer and an episode exist now
                 break
-        assert any("offered 5,000/s" in s for s in seen), "".join(seen)
+        assert any("offered 25,000/s" in s for s in seen), "".join(seen)
         work = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "agent-tracer-bench-*")) if d not in before]
         assert len(work) == 1
         assert _procs_with(work[0]), "the bench's tracer should be running"
