@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .commands import CommandQueue
 from .episodes import Tracker
 from .events import TRACK_CGROUP, TRACK_ENV, TRACK_ESCAPED, TRACK_LINEAGE
 from .paths import CONTROL_SOCKET, RUN_DIR
@@ -103,6 +104,9 @@ class Runtime:
         self.episode_loss = EpisodeLoss()
         self.service: Any = None  # tracer.node_service.NodeService once started
         self._reload_pending = False
+        # commands of other threads, run by the loop thread (tracer/commands.py)
+        self.commands = CommandQueue()
+        self.operator_enforcer: Any = None  # the one Enforcer of a tracer without policy (commands.enforcer_of)
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -313,11 +317,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ loop
     def loop(self, poll_ms: int = 100) -> None:
+        """The loop thread: the only writer of the tracker, process table,
+        engine, kernel maps and pipeline. Other threads reach them through
+        self.commands, drained here after every poll (tracer/commands.py)."""
         hooks = self._poll_hooks
+        commands = self.commands
         while not self.stop_event.is_set():
-            self.probes.poll(poll_ms)
+            self.probes.poll(commands.poll_ms(poll_ms))
             for h in hooks:
                 h()
+            commands.drain(self)
             self.service.after_poll()
             self.poll_gpu()
             now = time.monotonic()
