@@ -30,8 +30,8 @@ def _make_state(rt):
 def serve(rt, dashboard: bool = False) -> None:
     state = _make_state(rt)  # State locks itself: observe() and snapshot() run on different threads
     server = None
-    # appended by the loop's thread (and by operator commands on the control
-    # thread): a deque, so a concurrent append is never lost by a flush
+    # appended by the loop's thread only (operator commands run there too,
+    # tracer/commands.py); a deque all the same: cheap, and safe to flush
     pending: deque[dict[str, Any]] = deque()
 
     def observe(rec: dict[str, Any]) -> None:
