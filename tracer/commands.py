@@ -46,17 +46,32 @@ class CommandTimeout(EpisodeOpError):
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who sent a command, from SO_PEERCRED (tracer/control.py). None on a
+    command means an admin (root, the tracer's uid, in-process)."""
+
+    pid: int
+    uid: int
+    trainer: bool  # not root: only its own episodes (docs/episodes.md "Trainer API")
+
+
+@dataclass(frozen=True)
 class EpisodeAction:
     """freeze, thaw or kill one running episode (an operator command:
     applied in monitor mode too)."""
 
     cmd: str
     episode: str
+    caller: Caller | None = None
 
 
 @dataclass(frozen=True)
 class ListEpisodes:
-    """The episodes the live view holds, with its retention."""
+    """The episodes the live view holds, with its retention (a trainer's:
+    its own; all=True is root's)."""
+
+    caller: Caller | None = None
+    all: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,24 +80,80 @@ class EpisodeStatus:
     handshake of run_episode, docs/scale.md)."""
 
     episode: str
+    caller: Caller | None = None
 
 
-Command = Union[EpisodeAction, ListEpisodes, EpisodeStatus]
+@dataclass(frozen=True)
+class EpisodeOpen:
+    """Trainer API: make the episode's cgroup and put the caller's child
+    `pid` (blocked in the exec helper, tracer/api.py) in it."""
+
+    episode: str
+    pid: int
+    caller: Caller | None = None
+
+
+@dataclass(frozen=True)
+class EpisodeClose:
+    """Trainer API: end an opened episode (leftovers killed, cgroup removed)."""
+
+    episode: str
+    caller: Caller | None = None
+
+
+@dataclass(frozen=True)
+class EpisodeVerdicts:
+    """Trainer API: the lines of the episode's verdict file (alerts, the
+    operator's commands, GPU totals) for a caller that cannot read it."""
+
+    episode: str
+    caller: Caller | None = None
+
+
+Command = Union[EpisodeAction, ListEpisodes, EpisodeStatus, EpisodeOpen, EpisodeClose, EpisodeVerdicts]
+OWNERS_KEPT = 10000  # opened episodes whose owner is remembered (verdicts stay readable after the end)
+
+
+def _caller(args: dict[str, Any]) -> Caller | None:
+    peer = args.get("peer")
+    if not isinstance(peer, dict) or peer.get("role", "admin") == "admin":
+        return None
+    return Caller(int(peer.get("pid") or 0), int(peer.get("uid", -1)), True)
+
+
+def _episode_arg(what: str, args: dict[str, Any]) -> str:
+    ep = args.get("id")
+    if not ep or not isinstance(ep, str):
+        raise EpisodeOpError(f"{what}: an episode id is required")
+    return check_episode_id(ep)
 
 
 def parse(cmd: str, args: dict[str, Any]) -> Command:
     """The one validation of an episode request: a typed command, or
     EpisodeOpError naming what is wrong."""
+    caller = _caller(args)
     if cmd == "list":
-        return ListEpisodes()
+        return ListEpisodes(caller, bool(args.get("all")))
     if cmd == "status":
-        return EpisodeStatus(check_episode_id(args.get("id") or ""))
+        return EpisodeStatus(check_episode_id(args.get("id") or ""), caller)
     if cmd not in ACTIONS:
         raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, status, {', '.join(ACTIONS)})")
-    ep = args.get("id")
-    if not ep:
-        raise EpisodeOpError(f"{cmd}: an episode id is required")
-    return EpisodeAction(cmd, check_episode_id(ep))
+    return EpisodeAction(cmd, _episode_arg(cmd, args), caller)
+
+
+def parse_trainer(op: str, args: dict[str, Any]) -> Command:
+    """A trainer op of the control socket (TRAINER_OPS) as a typed command."""
+    caller = _caller(args)
+    if op == "episode_open":
+        pid = args.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise EpisodeOpError("episode_open: 'pid' (the child to place) must be a process id")
+        return EpisodeOpen(_episode_arg(op, args), pid, caller)
+    if op == "episode_close":
+        return EpisodeClose(_episode_arg(op, args), caller)
+    if op == "episode_verdicts":
+        return EpisodeVerdicts(_episode_arg(op, args), caller)
+    raise EpisodeOpError(f"unknown trainer op {op!r}")
 
 
 # ----------------------------------------------------------------- execution
@@ -93,15 +164,100 @@ def execute(rt: Any, state: Any, op: Command) -> dict[str, Any]:
     if isinstance(op, ListEpisodes):
         if state is None:
             raise EpisodeOpError("list: this tracer keeps no live view")
+        if op.caller is not None and op.all:
+            raise EpisodeOpError("permission denied: list --all is for root")
         snap = state.snapshot()
-        return {"ok": True, "episodes": snap.get("episodes", []), "retention": snap.get("retention")}
+        rows = snap.get("episodes", [])
+        if op.caller is not None:
+            owners = rt.commands.owners if rt is not None else {}
+            rows = [r for r in rows if owners.get(r.get("id")) == op.caller.uid]
+        return {"ok": True, "episodes": rows, "retention": snap.get("retention")}
     if rt is None:
         raise EpisodeOpError("this control socket serves no tracer")
+    if isinstance(op, EpisodeOpen):
+        return _episode_open(rt, op)
+    _check_owner(rt, op)
     if isinstance(op, EpisodeStatus):
         return episode_status(rt.tracker, op.episode)
     if isinstance(op, EpisodeAction):
         return _episode_action(rt, state, op)
+    if isinstance(op, EpisodeClose):
+        return _episode_close(rt, op)
+    if isinstance(op, EpisodeVerdicts):
+        return _episode_verdicts(rt, op)
     raise EpisodeOpError(f"not a command: {op!r}")  # pragma: no cover - parse() makes only these
+
+
+def _check_owner(rt: Any, op: Any) -> None:
+    """A trainer acts on the episodes it opened, nothing else."""
+    c = op.caller
+    if c is not None and rt.commands.owners.get(op.episode) != c.uid:
+        raise EpisodeOpError(f"permission denied: episode {op.episode!r} was not opened by uid {c.uid}")
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def _episode_open(rt: Any, op: EpisodeOpen) -> dict[str, Any]:
+    from . import cgroups
+
+    c = op.caller
+    try:
+        st = _proc_status(op.pid)
+    except OSError:
+        raise EpisodeOpError(f"episode_open: no process {op.pid}") from None
+    if c is not None:
+        # only the caller's own child, still the caller's uid: nobody else's process
+        if int(st.get("PPid", "0")) != c.pid or int(st.get("Uid", "-1").split()[0]) != c.uid:
+            raise EpisodeOpError(f"permission denied: process {op.pid} is not a child of the caller "
+                                 f"(pid {c.pid}, uid {c.uid})")
+    root = rt.probes.episode_root
+    cg = root / op.episode
+    try:
+        root.mkdir(exist_ok=True)
+        cg.mkdir()
+    except FileExistsError:
+        raise EpisodeOpError(f"episode {op.episode!r} is already running (cgroup {cg} exists)") from None
+    try:
+        cgroups.move(op.pid, cg)
+    except OSError as e:
+        cgroups.remove(cg)
+        raise EpisodeOpError(f"episode_open: could not move process {op.pid} into {cg}: {e}") from None
+    owners = rt.commands.owners
+    owners.pop(op.episode, None)
+    owners[op.episode] = c.uid if c is not None else 0
+    while len(owners) > OWNERS_KEPT:
+        del owners[next(iter(owners))]
+    return {"ok": True, "episode": op.episode, "cgroup": str(cg)}
+
+
+def _episode_close(rt: Any, op: EpisodeClose) -> dict[str, Any]:
+    from . import cgroups
+
+    cg = rt.probes.episode_root / op.episode
+    if cg.exists():
+        cgroups.remove(cg)  # leftovers killed first
+    return {"ok": True, "episode": op.episode}
+
+
+def _episode_verdicts(rt: Any, op: EpisodeVerdicts) -> dict[str, Any]:
+    vdir = rt.opts.verdict_dir
+    if vdir is None:
+        raise EpisodeOpError("episode_verdicts: this tracer writes no verdict files (--verdict-dir '')")
+    try:
+        data = (vdir / f"{op.episode}.jsonl").read_bytes()
+    except FileNotFoundError:
+        data = b""
+    import orjson
+
+    return {"ok": True, "episode": op.episode,
+            "records": [orjson.loads(line) for line in data.splitlines() if line.strip()]}
 
 
 def episode_status(tracker: Any, ep: str) -> dict[str, Any]:
@@ -162,6 +318,7 @@ class CommandQueue:
 
     def __init__(self) -> None:
         self._q: deque[tuple[Command, Any, Future]] = deque()
+        self.owners: dict[str, int] = {}  # episode -> uid that opened it (EpisodeOpen; loop thread only)
         self._owner: int | None = None  # the loop thread's ident, set by drain()
         self.executed = 0
         self.failed = 0

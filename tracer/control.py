@@ -15,6 +15,10 @@ Requests (client -> server)::
                                                     -> handle_command(cmd, request), with
                                                        "ok": true added when absent
     {"op": "ping"}                                  -> {"ok": true, "pong": true}
+    {"op": "episode_open", "id": "...", "pid": N}   -> the trainer API (docs/episodes.md "Trainer API"):
+    {"op": "episode_close", "id": "..."}               open puts the caller's blocked child N in a new
+    {"op": "episode_verdicts", "id": "..."}            episode cgroup, close ends it, verdicts reads
+                                                       its verdict file; handle_trainer(op, request)
     {"op": "episode_detail", "id": "..."}           -> {"ok": true, "detail": {...}}: one episode's
                                                        process tree, connections, listeners,
                                                        alerts, GPU use, recent records, held
@@ -22,8 +26,13 @@ Requests (client -> server)::
 
 Any failure is answered ``{"ok": false, "error": "..."}`` (unknown op, bad JSON,
 an exception in the snapshot or command callback). A peer whose uid is not
-allowed (root and the tracer's own uid, checked with SO_PEERCRED) gets
-``{"ok": false, "code": "forbidden", "error": "..."}`` and is disconnected. A connection may carry any
+allowed (root and the tracer's own uid, checked with SO_PEERCRED) and is no
+trainer (``trainer_uids``, ``trainer_gids``) gets
+``{"ok": false, "code": "forbidden", "error": "..."}`` and is disconnected;
+a trainer gets that reply for any op outside TRAINER_ALLOWED. The server
+adds ``"peer": {"pid", "uid", "gid", "role"}`` (SO_PEERCRED) to a trainer's
+episode requests and to every trainer op, replacing any the client sent
+(an episode request without it is an admin's). A connection may carry any
 number of requests; a subscription keeps streaming until the client closes.
 
 The server runs one selector loop in a daemon thread. Every socket is
@@ -58,9 +67,13 @@ __all__ = [
     "ConnectionLost",
     "Subscription",
     "EPISODE_COMMANDS",
+    "TRAINER_OPS",
 ]
 
 EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
+# the trainer API's operations (docs/episodes.md "Trainer API"), kept apart from the episode commands
+TRAINER_OPS = ("episode_open", "episode_close", "episode_verdicts")
+TRAINER_ALLOWED = ("ping", "episode", *TRAINER_OPS)  # what a trainer (not root) may ask
 ALERT_QUEUE = 1000            # pushed alerts buffered per subscriber before the oldest are dropped
 MAX_REQUEST = 1 << 20         # longest request line accepted
 MAX_REPLIES = 64              # pending replies per client before its requests stop being read
@@ -124,6 +137,7 @@ class _Conn:
     __slots__ = (
         "sock", "inbuf", "replies", "alerts", "snapshot", "partial", "subscribed",
         "interval", "next_due", "dropped", "dropped_sent", "want_alerts", "closing", "events",
+        "peer", "role",
     )
 
     def __init__(self, sock: socket.socket) -> None:
@@ -141,6 +155,8 @@ class _Conn:
         self.want_alerts = True
         self.closing = False       # close once the pending output is written
         self.events = 0
+        self.peer: dict[str, int] | None = None   # SO_PEERCRED: pid, uid, gid
+        self.role = "admin"        # admin (root, our uid) or trainer (docs/episodes.md "Trainer API")
 
     def pending(self) -> bool:
         return bool(self.partial is not None or self.replies or self.alerts or self.snapshot
@@ -163,16 +179,17 @@ class _Conn:
         return None
 
 
-def _secure_dir(directory: Path) -> None:
-    """Create `directory` 0700, or tighten it to 0700 when it is ours and not a shared dir."""
+def _secure_dir(directory: Path, mode: int = 0o700) -> None:
+    """Create `directory` with `mode` (0700; 0711 when trainers may reach the
+    socket), or set it so when it is ours and not a shared dir."""
     if not directory.exists():
-        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+        directory.mkdir(parents=True, mode=mode, exist_ok=True)
+        os.chmod(directory, mode)
         return
     st = directory.stat()
     shared = bool(st.st_mode & stat.S_ISVTX) or str(directory) in ("/", "/tmp", "/var/tmp", "/run", "/dev/shm")
-    if st.st_uid == os.geteuid() and not shared and stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
+    if st.st_uid == os.geteuid() and not shared and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(directory, mode)
 
 
 class ControlServer:
@@ -186,8 +203,16 @@ class ControlServer:
         *,
         allowed_uids: set[int] | None = None,
         get_detail: DetailFn | None = None,
+        trainer_uids: set[int] | frozenset[int] = frozenset(),
+        trainer_gids: set[int] | frozenset[int] = frozenset(),
+        handle_trainer: CommandFn | None = None,
     ) -> None:
         self.path = Path(path)
+        # trainers (SO_PEERCRED uid, or a member of one of these groups) may run,
+        # list and end their own episodes and read their verdicts, nothing else
+        self.trainer_uids = frozenset(trainer_uids)
+        self.trainer_gids = frozenset(trainer_gids)
+        self._handle_trainer = handle_trainer
         self._get_detail = get_detail
         self._get_snapshot = get_snapshot
         self._handle_command = handle_command
@@ -214,7 +239,7 @@ class ControlServer:
         (EADDRINUSE: another tracer listens there; EEXIST: the path is not a socket)."""
         if self._thread is not None:
             return self
-        _secure_dir(self.path.parent)
+        _secure_dir(self.path.parent, 0o711 if self._has_trainers else 0o700)
         self._clear_stale()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{next(_TMP_COUNTER)}")
         try:
@@ -226,7 +251,8 @@ class ControlServer:
             # bind under a temporary name, make it 0600, then move it into place:
             # the socket is never reachable with looser permissions
             listener.bind(str(tmp))
-            os.chmod(tmp, 0o600)
+            # with trainers, anyone may connect and SO_PEERCRED decides (docs/episodes.md)
+            os.chmod(tmp, 0o666 if self._has_trainers else 0o600)
             os.rename(tmp, self.path)
             listener.listen(64)
             listener.setblocking(False)
@@ -415,23 +441,51 @@ class ControlServer:
             sock.setblocking(False)
             conn = _Conn(sock)
             self.clients_total += 1
-            uid = self._peer_uid(sock)
+            conn.peer = self._peer_cred(sock)
+            uid = conn.peer["uid"] if conn.peer else None
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
             conn.events = selectors.EVENT_READ
             if uid is not None and uid not in self.allowed_uids:
-                conn.replies.append(_dumps({"ok": False, "code": "forbidden",
-                                            "error": f"permission denied for uid {uid}: the control socket is root-only"}))
-                conn.closing = True
+                if self._is_trainer(conn.peer):
+                    conn.role = "trainer"
+                else:
+                    conn.replies.append(_dumps({"ok": False, "code": "forbidden",
+                                                "error": f"permission denied for uid {uid}: the control socket is "
+                                                         "root-only" + (" (and the trainers')" if self._has_trainers
+                                                                        else "")}))
+                    conn.closing = True
+
+    @property
+    def _has_trainers(self) -> bool:
+        return bool(self.trainer_uids or self.trainer_gids)
 
     @staticmethod
-    def _peer_uid(sock: socket.socket) -> int | None:
+    def _peer_cred(sock: socket.socket) -> dict[str, int] | None:
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-            return uid
+            pid, uid, gid = struct.unpack("3i", creds)
+            return {"pid": pid, "uid": uid, "gid": gid}
         except (OSError, AttributeError, struct.error):
             return None
+
+    def _is_trainer(self, peer: dict[str, int] | None) -> bool:
+        """The peer's uid is a trainer's, or its primary or a supplementary
+        group (read from /proc/PID/status of the connecting process) is."""
+        if peer is None or not self._has_trainers:
+            return False
+        if peer["uid"] in self.trainer_uids or peer["gid"] in self.trainer_gids:
+            return True
+        if not self.trainer_gids:
+            return False
+        try:
+            with open(f"/proc/{peer['pid']}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return bool({int(g) for g in line.split()[1:]} & self.trainer_gids)
+        except (OSError, ValueError):
+            pass
+        return False
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -473,6 +527,19 @@ class ControlServer:
             conn.replies.append(_error("a request is a JSON object with an 'op'"))
             return
         op = req.get("op")
+        if conn.role == "trainer" and op not in TRAINER_ALLOWED:
+            conn.replies.append(_dumps({"ok": False, "code": "forbidden",
+                                        "error": f"permission denied: {op!r} is for root; a trainer may use "
+                                                 f"{', '.join(TRAINER_ALLOWED)}"}))
+            return
+        if op in TRAINER_OPS or (op == "episode" and conn.role != "admin"):
+            # who asks, as the kernel says (never what the client wrote)
+            req["peer"] = {**(conn.peer or {}), "role": conn.role}
+        elif op == "episode":
+            req.pop("peer", None)  # an admin's request: no caller to check
+        if op in TRAINER_OPS:
+            conn.replies.append(self._trainer(op, req))
+            return
         if op == "snapshot":
             try:
                 conn.replies.append(self._snapshot_line(fresh=True))
@@ -518,6 +585,20 @@ class ControlServer:
         else:
             conn.replies.append(_error(f"unknown op {op!r}; expected snapshot, subscribe, episode, "
                                        "episode_detail or ping"))
+
+    def _trainer(self, op: str, req: dict) -> bytes:
+        if self._handle_trainer is None:
+            return _error(f"{op}: this tracer serves no trainer operations")
+        try:
+            reply = self._handle_trainer(op, req)
+        except Exception as exc:
+            return _error(f"{op} failed: {exc}" if str(exc) else f"{op} failed: {type(exc).__name__}")
+        reply = dict(reply)
+        reply.setdefault("ok", True)
+        try:
+            return _dumps(reply)
+        except TypeError as exc:
+            return _error(f"{op}: reply not serialisable: {exc}")
 
     def _detail(self, req: dict) -> bytes:
         ep = req.get("id")

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import cgroups
 from .ids import check_episode_id
-from .commands import ACTIONS as COMMANDS, COMMAND_TIMEOUT_S, EpisodeOpError, execute, parse
+from .commands import ACTIONS as COMMANDS, COMMAND_TIMEOUT_S, EpisodeOpError, execute, parse, parse_trainer
 from .paths import CONTROL_SOCKET
 
 __all__ = ["COMMANDS", "EpisodeOpError", "apply_episode_command", "episode_command", "list_episodes",
@@ -110,3 +110,10 @@ def apply_episode_command(rt, state, cmd: str, args: dict[str, Any],
     if rt is None:
         return execute(None, state, op)
     return rt.commands.submit(rt, state, op, timeout)
+
+
+def apply_trainer_op(rt, op: str, req: dict[str, Any], timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
+    """Server side of the trainer ops (episode_open, episode_close,
+    episode_verdicts): typed, run by the loop thread like every command."""
+    cmd = parse_trainer(op, req)
+    return rt.commands.submit(rt, None, cmd, timeout)

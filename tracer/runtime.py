@@ -38,6 +38,11 @@ class RunOptions:
     policy_dirs: list[Path] = field(default_factory=list)
     ringbuf_pages: int = 2048
     control_socket: Path | None = CONTROL_SOCKET
+    # the trainer API without root (docs/episodes.md "Trainer API"): peers of
+    # this group (name or gid) or these uids may run, list and end their own
+    # episodes and read their verdicts on the control socket
+    trainer_group: str | None = None
+    trainer_uids: list[int] = field(default_factory=list)
     verdict_dir: Path | None = RUN_DIR / "verdicts"
     stats_interval: float = 1.0
     preexisting_sockets: bool = True
