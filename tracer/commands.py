@@ -217,6 +217,11 @@ def _episode_open(rt: Any, op: EpisodeOpen) -> dict[str, Any]:
         if int(st.get("PPid", "0")) != c.pid or int(st.get("Uid", "-1").split()[0]) != c.uid:
             raise EpisodeOpError(f"permission denied: process {op.pid} is not a child of the caller "
                                  f"(pid {c.pid}, uid {c.uid})")
+    if rt.opts.verdict_dir is not None:  # a stale verdict file of an earlier episode of this id would lie
+        try:
+            (rt.opts.verdict_dir / f"{op.episode}.jsonl").unlink()
+        except FileNotFoundError:
+            pass
     root = rt.probes.episode_root
     cg = root / op.episode
     try:
