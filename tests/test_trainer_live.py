@@ -91,17 +91,18 @@ def test_trainer_without_root(live_tracer, users):
     base = Path(tempfile.mkdtemp(prefix="at-trainer-", dir="/tmp"))
     os.chmod(base, 0o711)
     sock = base / "run" / "control.sock"
-    t = live_tracer(trainer_group=group, verdict_dir=base / "verdicts", control_socket=sock).start()
-    state = _make_state(t.rt)
-    t.rt.add_observer(state.observe)
-    srv = control_server(t.rt, state.snapshot, lambda c, a: apply_episode_command(t.rt, state, c, a), None)
-    srv.start()
     tag = uuid.uuid4().hex[:6]
     mine, other = f"trn-{tag}", f"root-{tag}"
     other_cg = cgroups.cgroup2_mount() / "agent-tracer" / other
-    other_cg.mkdir(parents=True)
-    sleeper = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {other_cg}/cgroup.procs; exec sleep 60"])
+    srv = sleeper = None
     try:
+        t = live_tracer(trainer_group=group, verdict_dir=base / "verdicts", control_socket=sock).start()
+        state = _make_state(t.rt)
+        t.rt.add_observer(state.observe)
+        srv = control_server(t.rt, state.snapshot, lambda c, a: apply_episode_command(t.rt, state, c, a), None)
+        srv.start()
+        other_cg.mkdir(parents=True)
+        sleeper = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {other_cg}/cgroup.procs; exec sleep 60"])
         assert wait_for(lambda: (lambda e: e is not None and e.kernel)(t.rt.tracker.episodes.get(other)), timeout=30)
         p = as_user(trainer, TRAINER, str(sock), mine, other)
         assert p.returncode == 0, p.stderr
@@ -121,9 +122,11 @@ def test_trainer_without_root(live_tracer, users):
         q = as_user(outsider, OUTSIDER, str(sock))
         assert "ControlPermissionError" in q.stdout and "root-only" in q.stdout, (q.stdout, q.stderr)
     finally:
-        sleeper.kill()
-        sleeper.wait()
-        srv.close()
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        if srv is not None:
+            srv.close()
         for ep in (mine, other):
             try:
                 cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
