@@ -198,7 +198,8 @@ def await_registration(episode: str, control_socket: str | os.PathLike[str] | No
 # gate fd to read one line from first ('' none); then argv is exec'd, already
 # inside the episode's cgroup (dash: about a millisecond; docs/scale.md)
 HELPER = ('[ -z "$1" ] || { echo $$ > "$1" || exit 125; }; '
-          '[ -z "$2" ] || { read _ <&"$2" || exit 125; }; shift 2; exec "$@"')
+          '[ -z "$2" ] || { read _ < /proc/self/fd/"$2" || exit 125; }; shift 2; exec "$@"')
+# (the gate fd is read through /proc: dash redirects only fds 0-9)
 HELPER_FAILED = 125  # the helper could not enter the cgroup or was not released
 
 

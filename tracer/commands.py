@@ -110,7 +110,17 @@ class EpisodeVerdicts:
     caller: Caller | None = None
 
 
-Command = Union[EpisodeAction, ListEpisodes, EpisodeStatus, EpisodeOpen, EpisodeClose, EpisodeVerdicts]
+@dataclass(frozen=True)
+class EpisodeWatch:
+    """Trainer API: may the caller watch the episode's live verdicts (the
+    control socket streams them, tracer/control.py episode_watch)."""
+
+    episode: str
+    caller: Caller | None = None
+
+
+Command = Union[EpisodeAction, ListEpisodes, EpisodeStatus, EpisodeOpen, EpisodeClose, EpisodeVerdicts,
+                EpisodeWatch]
 OWNERS_KEPT = 10000  # opened episodes whose owner is remembered (verdicts stay readable after the end)
 
 
@@ -153,6 +163,8 @@ def parse_trainer(op: str, args: dict[str, Any]) -> Command:
         return EpisodeClose(_episode_arg(op, args), caller)
     if op == "episode_verdicts":
         return EpisodeVerdicts(_episode_arg(op, args), caller)
+    if op == "episode_watch":
+        return EpisodeWatch(_episode_arg(op, args), caller)
     raise EpisodeOpError(f"unknown trainer op {op!r}")
 
 
@@ -185,6 +197,10 @@ def execute(rt: Any, state: Any, op: Command) -> dict[str, Any]:
         return _episode_close(rt, op)
     if isinstance(op, EpisodeVerdicts):
         return _episode_verdicts(rt, op)
+    if isinstance(op, EpisodeWatch):
+        e = rt.tracker.episodes.get(op.episode)
+        state = "unknown" if e is None else "ended" if e.ended else "running"
+        return {"ok": True, "episode": op.episode, "state": state}
     raise EpisodeOpError(f"not a command: {op!r}")  # pragma: no cover - parse() makes only these
 
 

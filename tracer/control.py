@@ -18,7 +18,9 @@ Requests (client -> server)::
     {"op": "episode_open", "id": "...", "pid": N}   -> the trainer API (docs/episodes.md "Trainer API"):
     {"op": "episode_close", "id": "..."}               open puts the caller's blocked child N in a new
     {"op": "episode_verdicts", "id": "..."}            episode cgroup, close ends it, verdicts reads
-                                                       its verdict file; handle_trainer(op, request)
+    {"op": "episode_watch", "id": "..."}               its verdict file; handle_trainer(op, request);
+                                                       watch: {"ok": true}, then {"type": "alert", ...}
+                                                       as they happen and {"type": "end", ...} last
     {"op": "episode_detail", "id": "..."}           -> {"ok": true, "detail": {...}}: one episode's
                                                        process tree, connections, listeners,
                                                        alerts, GPU use, recent records, held
@@ -72,7 +74,7 @@ __all__ = [
 
 EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
 # the trainer API's operations (docs/episodes.md "Trainer API"), kept apart from the episode commands
-TRAINER_OPS = ("episode_open", "episode_close", "episode_verdicts")
+TRAINER_OPS = ("episode_open", "episode_close", "episode_verdicts", "episode_watch")
 TRAINER_ALLOWED = ("ping", "episode", *TRAINER_OPS)  # what a trainer (not root) may ask
 ALERT_QUEUE = 1000            # pushed alerts buffered per subscriber before the oldest are dropped
 MAX_REQUEST = 1 << 20         # longest request line accepted
@@ -137,7 +139,7 @@ class _Conn:
     __slots__ = (
         "sock", "inbuf", "replies", "alerts", "snapshot", "partial", "subscribed",
         "interval", "next_due", "dropped", "dropped_sent", "want_alerts", "closing", "events",
-        "peer", "role",
+        "peer", "role", "watch",
     )
 
     def __init__(self, sock: socket.socket) -> None:
@@ -157,6 +159,7 @@ class _Conn:
         self.events = 0
         self.peer: dict[str, int] | None = None   # SO_PEERCRED: pid, uid, gid
         self.role = "admin"        # admin (root, our uid) or trainer (docs/episodes.md "Trainer API")
+        self.watch: str | None = None  # episode_watch: the episode whose verdicts stream here
 
     def pending(self) -> bool:
         return bool(self.partial is not None or self.replies or self.alerts or self.snapshot
@@ -223,6 +226,7 @@ class ControlServer:
         self._ino: tuple[int, int] | None = None
         self._conns: dict[int, _Conn] = {}
         self._subs: tuple[_Conn, ...] = ()
+        self._watch: dict[str, tuple[_Conn, ...]] = {}  # episode -> its watchers (replaced, never changed)
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._wake_pending = False
@@ -347,7 +351,7 @@ class ControlServer:
     def publish_alert(self, record: dict) -> None:
         """Push an alert to every subscriber. Never blocks; cheap when nobody subscribes."""
         subs = self._subs
-        if not subs:
+        if not subs and not self._watch:
             return
         line: bytes | None = None
         for conn in subs:
@@ -365,8 +369,33 @@ class ControlServer:
                 conn.dropped += 1
                 self.alerts_dropped += 1
             q.append(line)          # a full deque drops its oldest entry
+        watchers = self._watch.get(record.get("episode") or "") if self._watch else None
+        if watchers:
+            if line is None:
+                msg = dict(record)
+                msg["type"] = "alert"
+                line = _dumps(msg)
+            for conn in watchers:
+                if len(conn.alerts) >= ALERT_QUEUE:
+                    conn.dropped += 1
+                    self.alerts_dropped += 1
+                conn.alerts.append(line)
         if line is not None:
             self._wake()
+
+    def publish_end(self, record: dict) -> None:
+        """An episode ended: its watchers get ``{"type": "end", ...the
+        episode_end record}`` last, then their connection is closed."""
+        watchers = self._watch.get(record.get("episode") or "") if self._watch else None
+        if not watchers:
+            return
+        msg = dict(record)
+        msg["type"] = "end"
+        line = _dumps(msg)
+        for conn in watchers:
+            conn.alerts.append(line)
+            conn.closing = True    # after what is queued is written
+        self._wake()
 
     def _wake(self, force: bool = False) -> None:
         """Make the loop's select() return (at most one pending byte, unless forced)."""
@@ -537,6 +566,9 @@ class ControlServer:
             req["peer"] = {**(conn.peer or {}), "role": conn.role}
         elif op == "episode":
             req.pop("peer", None)  # an admin's request: no caller to check
+        if op == "episode_watch":
+            self._start_watch(conn, req)
+            return
         if op in TRAINER_OPS:
             conn.replies.append(self._trainer(op, req))
             return
@@ -585,6 +617,38 @@ class ControlServer:
         else:
             conn.replies.append(_error(f"unknown op {op!r}; expected snapshot, subscribe, episode, "
                                        "episode_detail or ping"))
+
+    def _start_watch(self, conn: _Conn, req: dict) -> None:
+        """A live verdict stream of one episode: its alerts as they happen,
+        then its end. Registered before the tracer checks the caller may
+        watch it (the loop thread: owner, episode known), so nothing
+        published in between is missed; removed again when refused."""
+        ep = req.get("id")
+        if not isinstance(ep, str) or not ep or conn.watch is not None:
+            conn.replies.append(_error("episode_watch: an 'id' is required (one watch per connection)"))
+            return
+        conn.watch = ep
+        self._watch = {**self._watch, ep: self._watch.get(ep, ()) + (conn,)}
+        reply = self._trainer("episode_watch", req)
+        if not orjson.loads(reply).get("ok"):
+            self._unwatch(conn)
+            conn.replies.append(reply)
+            conn.closing = True
+            return
+        conn.replies.append(reply)
+
+    def _unwatch(self, conn: _Conn) -> None:
+        ep = conn.watch
+        if ep is None:
+            return
+        conn.watch = None
+        rest = tuple(c for c in self._watch.get(ep, ()) if c is not conn)
+        w = dict(self._watch)
+        if rest:
+            w[ep] = rest
+        else:
+            w.pop(ep, None)
+        self._watch = w
 
     def _trainer(self, op: str, req: dict) -> bytes:
         if self._handle_trainer is None:
@@ -696,6 +760,7 @@ class ControlServer:
         if conn.subscribed:
             conn.subscribed = False
             self._subs = tuple(c for c in self._subs if c is not conn)
+        self._unwatch(conn)
         conn.closing = True
         try:
             conn.sock.close()

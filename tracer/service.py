@@ -75,8 +75,12 @@ def serve(rt, dashboard: bool = False) -> None:
         pending.append(rec)
         if len(pending) >= STATE_BATCH:  # a long poll under load must not hold records in memory
             flush()
-        if server is not None and rec.get("type") == "alert":
-            server.publish_alert(rec)
+        if server is not None:
+            t = rec.get("type")
+            if t == "alert":
+                server.publish_alert(rec)
+            elif t == "episode_end":
+                server.publish_end(rec)  # the end of an episode_watch stream
 
     def flush() -> None:
         if pending:
