@@ -337,7 +337,11 @@ def _episode_action(rt: Any, state: Any, op: EpisodeAction) -> dict[str, Any]:
 class CommandQueue:
     """Commands from other threads to the loop thread, answered through futures."""
 
-    def __init__(self) -> None:
+    def __init__(self, rt: Any = None) -> None:
+        self.rt = rt
+        # the start handshake's answers, published by the loop thread (observe)
+        # and replaced whole, never changed: an admin's status reads it at once
+        self.status_view: dict[str, dict[str, Any]] = {}
         self._q: deque[tuple[Command, Any, Future]] = deque()
         self.owners: dict[str, int] = {}  # episode -> uid that opened it (EpisodeOpen; loop thread only)
         self._owner: int | None = None  # the loop thread's ident, set by drain()
@@ -352,6 +356,10 @@ class CommandQueue:
         answer within `timeout`)."""
         if self._owner == threading.get_ident():
             return execute(rt, state, op)
+        if isinstance(op, EpisodeStatus) and op.caller is None:
+            # read from the view the loop published: no wait for its next poll
+            got = self.status_view.get(op.episode)
+            return dict(got) if got is not None else {"ok": True, "episode": op.episode, "state": "unknown"}
         fut: Future = Future()
         self._q.append((op, state, fut))
         try:
@@ -365,6 +373,29 @@ class CommandQueue:
             return fut.result(timeout)
         except CancelledError:  # pragma: no cover - only this method cancels
             raise CommandTimeout("the command was withdrawn") from None
+
+    def observe(self, rec: dict[str, Any]) -> None:
+        """Pipeline observer (loop thread, after the kernel sync): publish
+        the start handshake's answer of an episode that started, ended or
+        was refused."""
+        t = rec.get("type")
+        if t not in ("episode_start", "episode_end", "episode_refused") or self.rt is None:
+            return
+        ep = rec.get("episode")
+        if not ep:
+            return
+        view = dict(self.status_view)
+        if t == "episode_end":
+            view.pop(ep, None)
+        else:
+            reply = episode_status(self.rt.tracker, ep)
+            if reply["state"] == "unknown":
+                view.pop(ep, None)
+            else:
+                view[ep] = reply
+        while len(view) > OWNERS_KEPT:
+            del view[next(iter(view))]
+        self.status_view = view
 
     def drain(self, rt: Any) -> int:
         """Run every queued command (loop thread). Returns how many ran."""

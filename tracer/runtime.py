@@ -110,7 +110,8 @@ class Runtime:
         self.service: Any = None  # tracer.node_service.NodeService once started
         self._reload_pending = False
         # commands of other threads, run by the loop thread (tracer/commands.py)
-        self.commands = CommandQueue()
+        self.commands = CommandQueue(self)
+        self._observers.append(self.commands.observe)  # publishes the start handshake's answers
         self.operator_enforcer: Any = None  # the one Enforcer of a tracer without policy (commands.enforcer_of)
 
     # ----------------------------------------------------------------- start
