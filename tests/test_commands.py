@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer.commands import (CommandQueue, CommandTimeout, EpisodeAction, EpisodeOpError, EpisodeStatus,
+from tracer.commands import (Caller, CommandQueue, CommandTimeout, EpisodeAction, EpisodeOpError, EpisodeStatus,
                              ListEpisodes, parse)
+
+TRAINER = Caller(pid=4242, uid=1001, trainer=True)
 
 
 def test_parse_validates_once_into_typed_commands():
@@ -59,6 +61,8 @@ def run_loop(q, rt, stop):
 def test_many_threads_are_answered_by_the_loop_thread_only():
     q, st, stop = CommandQueue(), FakeState(), threading.Event()
     rt = fake_rt(episodes={"ep-1": SimpleNamespace(ended=False, kernel=True, slot=7)})
+    rt.commands = q
+    q.owners["ep-1"] = TRAINER.uid  # a trainer's status goes through the loop (its owner is checked there)
     loop = threading.Thread(target=run_loop, args=(q, rt, stop))
     loop.start()
     replies: list[dict] = []
@@ -67,7 +71,7 @@ def test_many_threads_are_answered_by_the_loop_thread_only():
     def client(i):
         try:
             for k in range(50):
-                op = ListEpisodes() if k % 2 else EpisodeStatus("ep-1")
+                op = ListEpisodes() if k % 2 else EpisodeStatus("ep-1", TRAINER)
                 replies.append(q.submit(rt, st, op, timeout=30))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -111,6 +115,21 @@ def test_refused_status_names_the_limit():
     q.drain(rt)  # this thread is now the loop thread: a command it submits runs at once
     r = q.submit(rt, None, EpisodeStatus("ep-9"))
     assert r["state"] == "refused" and "--max-episodes 2" in r["error"]
+
+
+def test_admin_status_reads_the_view_the_loop_publishes():
+    rt = fake_rt(episodes={"ep-1": SimpleNamespace(ended=False, kernel=True, slot=3)}, refused=["ep-9"])
+    q = CommandQueue(rt)
+    assert q.submit(rt, None, EpisodeStatus("ep-1"), timeout=0.1)["state"] == "unknown"  # not published yet
+    q.observe({"type": "episode_start", "episode": "ep-1"})
+    q.observe({"type": "episode_refused", "episode": "ep-9"})
+    # answered on this thread without a loop draining: from the published view
+    assert q.submit(rt, None, EpisodeStatus("ep-1"), timeout=0.1) == {"ok": True, "episode": "ep-1",
+                                                                       "state": "registered", "slot": 3}
+    assert q.submit(rt, None, EpisodeStatus("ep-9"), timeout=0.1)["state"] == "refused"
+    q.observe({"type": "episode_end", "episode": "ep-1"})
+    assert q.submit(rt, None, EpisodeStatus("ep-1"), timeout=0.1)["state"] == "unknown"
+    assert q.executed == 0 and q.timed_out == 0
 
 
 def test_a_command_not_taken_in_time_is_withdrawn():
