@@ -11,7 +11,10 @@
 The episode runs in its own cgroup v2 (<cgroup2>/agent-tracer/<ID>); a
 running tracer attributes every process in it to the episode and writes the
 episode's alerts to /run/agent-tracer/verdicts/<ID>.jsonl, which is what
-`read_verdicts` reads. Needs root (cgroup creation).
+`read_verdicts` reads. As root it makes the cgroup itself; without root (a
+trainer the tracer lets in, docs/episodes.md "Trainer API") it asks the
+running tracer through the control socket. No preexec_fn: safe in threaded
+processes (an exec helper enters the cgroup before argv runs).
 """
 from __future__ import annotations
 
@@ -191,6 +194,123 @@ def await_registration(episode: str, control_socket: str | os.PathLike[str] | No
         sock.close()
 
 
+# the exec helper: "$1" is the cgroup.procs file to enter ('' none), "$2" a
+# gate fd to read one line from first ('' none); then argv is exec'd, already
+# inside the episode's cgroup (dash: about a millisecond; docs/scale.md)
+HELPER = ('[ -z "$1" ] || { echo $$ > "$1" || exit 125; }; '
+          '[ -z "$2" ] || { read _ < /proc/self/fd/"$2" || exit 125; }; shift 2; exec "$@"')
+# (the gate fd is read through /proc: dash redirects only fds 0-9)
+HELPER_FAILED = 125  # the helper could not enter the cgroup or was not released
+
+
+def _helper_argv(argv: Sequence[str], procs_file: str | None, gate_fd: int | None) -> list[str]:
+    return ["/bin/sh", "-c", HELPER, "agent-tracer-exec", procs_file or "",
+            "" if gate_fd is None else str(gate_fd), *argv]
+
+
+def _wait(proc, cg: Path | None, timeout: float | None, kill=None) -> int:
+    """Wait for proc, forwarding SIGINT/SIGTERM (main thread only) and a
+    timeout as a kill of the episode's cgroup."""
+    import threading
+
+    kill = kill or (lambda: cgroups.kill(cg))
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+
+    def forward(signum, _frame):
+        kill()
+
+    for s in old:
+        signal.signal(s, forward)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill()
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _result(episode: str, rc: int, root_pid: int, lines, t0: float, verdict_file: Path | None) -> EpisodeResult:
+    """The result of an ended episode from its verdict lines (lines():
+    re-read them; a kernel kill's alert lands just after the process dies)."""
+    sig = -rc if rc < 0 else None
+    code = rc if rc >= 0 else None
+
+    def judge(recs):
+        alerts = [r for r in recs if r.get("type", "alert") == "alert"]
+        op_kill = any(r.get("type") == "episode_command" and r.get("cmd") == "kill" for r in recs)
+        return alerts, _killed_by_policy(alerts, root_pid, sig) or (sig is not None and op_kill)
+
+    recs = lines()
+    alerts, killed = judge(recs)
+    if sig is not None:
+        deadline = time.monotonic() + 0.5
+        while not killed and time.monotonic() < deadline:
+            time.sleep(0.05)
+            recs = lines()
+            alerts, killed = judge(recs)
+    gpu = [r for r in recs if r.get("type") == "gpu_total"]
+    res = EpisodeResult(episode, code, sig, killed, alerts, time.monotonic() - t0, gpu[-1] if gpu else None)
+    if verdict_file is not None:
+        import orjson
+
+        Path(verdict_file).write_bytes(orjson.dumps(res.summary(), option=orjson.OPT_INDENT_2))
+    return res
+
+
+def _run_via_tracer(episode: str, argv: Sequence[str], *, env, cwd, timeout, verdict_file,
+                    control_socket, register_timeout) -> EpisodeResult:
+    """run_episode without root (a trainer, docs/episodes.md "Trainer API"):
+    the child starts blocked in the exec helper; the tracer (root) checks it
+    is our child, makes the episode's cgroup and moves it in; once the
+    episode is registered the helper is released and execs argv inside."""
+    from .control import ControlClient, ControlError
+
+    if control_socket is None:
+        raise EpisodeError("run_episode without root needs a running tracer (control_socket is None)")
+    client = ControlClient(control_socket, timeout=max(register_timeout, 10.0))
+
+    def ask(req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reply = client.request(req)
+        except ControlError as e:
+            raise EpisodeError(str(e)) from None
+        if not reply.get("ok"):
+            raise EpisodeError(str(reply.get("error") or f"{req['op']} {episode} failed"))
+        return reply
+
+    gate_r, gate_w = os.pipe()
+    try:
+        proc = subprocess.Popen(_helper_argv(argv, None, gate_r), env=env, cwd=cwd, pass_fds=(gate_r,))
+    finally:
+        os.close(gate_r)
+    t0 = time.monotonic()
+    opened = False
+    try:
+        try:
+            ask({"op": "episode_open", "id": episode, "pid": proc.pid})
+            opened = True
+            if await_registration(episode, control_socket, register_timeout) != "registered":
+                raise EpisodeError(f"the tracer on {control_socket} did not answer the start handshake")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        os.write(gate_w, b"go\n")
+        os.close(gate_w)
+        gate_w = -1
+        rc = _wait(proc, None, timeout, kill=lambda: ask({"op": "episode", "cmd": "kill", "id": episode}))
+    finally:
+        if gate_w >= 0:
+            os.close(gate_w)
+        if opened:
+            ask({"op": "episode_close", "id": episode})
+    return _result(episode, rc, proc.pid, lambda: ask({"op": "episode_verdicts", "id": episode})["records"],
+                   t0, verdict_file)
+
+
 def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                 cwd: str | None = None, verdict_dir: Path = VERDICT_DIR, keep_stragglers: bool = False,
                 verdict_file: Path | None = None, timeout: float | None = None,
@@ -209,6 +329,16 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
     (docs/gpu.md)."""
     if not argv:
         raise EpisodeError("no command given")
+    import shutil
+
+    relative = "/" in argv[0] and not argv[0].startswith("/") and cwd is not None  # found from cwd, later
+    if not relative and shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+        raise EpisodeError(f"command not found: {argv[0]}")
+    if os.geteuid() != 0:
+        if gpu:
+            raise EpisodeError("gpu=True needs root (the GPU registration); a trainer runs without it")
+        return _run_via_tracer(episode, argv, env=env, cwd=cwd, timeout=timeout, verdict_file=verdict_file,
+                               control_socket=control_socket, register_timeout=register_timeout)
     cg = episode_cgroup(episode)
     # a stale verdict file from an earlier episode of the same id would lie
     try:
@@ -243,57 +373,31 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
         unregister(episode)
         GPU_REG_DIR.mkdir(parents=True, exist_ok=True)
 
-    def enter_cgroup() -> None:  # runs in the child, before exec
-        with open(procs_file, "w") as f:
-            f.write(str(os.getpid()))
-        if gpu:  # registered before the command runs an instruction
-            register(episode, os.getpid(), exes=gpu_exes)
-
     proc = None
+    gate_w = None
     try:
+        # no preexec_fn (unsafe in threaded trainers): the exec helper, a
+        # shell, moves itself into the cgroup and execs argv there; with
+        # gpu=True it also waits for the registration of its pid
+        gate_r = None
+        if gpu:
+            gate_r, gate_w = os.pipe()
         try:
-            proc = subprocess.Popen(list(argv), env=env, cwd=cwd, preexec_fn=enter_cgroup)
-        except FileNotFoundError as e:
-            raise EpisodeError(f"command not found: {argv[0]}") from e
-        import threading
-
-        main_thread = threading.current_thread() is threading.main_thread()
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-
-        def forward(signum, _frame):
-            cgroups.kill(cg)
-
-        for s in old:
-            signal.signal(s, forward)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            cgroups.kill(cg)
-            rc = proc.wait()
+            proc = subprocess.Popen(_helper_argv(argv, procs_file, gate_r), env=env, cwd=cwd,
+                                    pass_fds=() if gate_r is None else (gate_r,))
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            if gate_r is not None:
+                os.close(gate_r)
+        if gpu:
+            register(episode, proc.pid, exes=gpu_exes)  # before the command runs an instruction
+            os.write(gate_w, b"go\n")
+        rc = _wait(proc, cg, timeout)
     finally:
+        if gate_w is not None:
+            os.close(gate_w)
         unregister_runner(episode)  # before the cgroup goes: a tracer never takes this for a runner's death
         if not keep_stragglers or proc is None:
             cgroups.remove(cg)
         if gpu:
             unregister(episode)
-    sig = -rc if rc < 0 else None
-    code = rc if rc >= 0 else None
-    # a kernel kill's alert lands just after the process dies: give it a moment
-    alerts = read_verdicts(episode, verdict_dir)
-    if sig is not None:
-        deadline = time.monotonic() + 0.5
-        while not (_killed_by_policy(alerts, proc.pid, sig) or _operator_killed(episode, verdict_dir)) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
-            alerts = read_verdicts(episode, verdict_dir)
-    killed = _killed_by_policy(alerts, proc.pid, sig) or (sig is not None and _operator_killed(episode, verdict_dir))
-    res = EpisodeResult(episode, code, sig, killed, alerts,
-                        time.monotonic() - t0, read_gpu_total(episode, verdict_dir))
-    if verdict_file is not None:
-        import orjson
-
-        Path(verdict_file).write_bytes(orjson.dumps(res.summary(), option=orjson.OPT_INDENT_2))
-    return res
+    return _result(episode, rc, proc.pid, lambda: _verdict_lines(episode, verdict_dir), t0, verdict_file)

@@ -157,6 +157,11 @@ def _run_options(f):
                           "[default: the nameservers of /etc/resolv.conf]"),
         click.option("--dns-ttl-grace", type=click.FloatRange(0, 300), default=None,
                      help="Egress mode: seconds an answered address stays allowed beyond its TTL. [default: 2.0]"),
+        click.option("--trainer-group", default=None, metavar="GROUP",
+                     help="Members of GROUP (name or gid) may run, list and end their own episodes and read their "
+                          "verdicts on the control socket without root (docs/episodes.md). [default: none]"),
+        click.option("--trainer-uid", "trainer_uids", multiple=True, type=click.IntRange(1), metavar="UID",
+                     help="A uid with the trainer rights of --trainer-group (repeatable)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -167,7 +172,7 @@ _FLAG_KEYS = ("log", "log_max_bytes", "log_keep", "site_policy_dir", "monitor", 
               "gate_timeout", "gate_default", "gpu_interval", "relay_interval", "relay_min_age", "stats_interval",
               "metrics_listen", "verdict_dir", "verdict_retention", "gate_proc_grace", "wire_timeout",
               "max_episodes", "ended_keep", "ended_keep_s", "episode_rate", "episode_burst", "dns_ttl_grace",
-              "pin_state", "keep_enforcing", "orphan_episode", "orphan_grace")
+              "pin_state", "keep_enforcing", "orphan_episode", "orphan_grace", "trainer_group")
 
 
 def _flags(kw: dict) -> dict:
@@ -177,6 +182,8 @@ def _flags(kw: dict) -> dict:
         flags["policy_dirs"] = [str(p) for p in kw["policy_dirs"]]
     if kw.get("dns_upstreams"):
         flags["dns_upstreams"] = list(kw["dns_upstreams"])
+    if kw.get("trainer_uids"):
+        flags["trainer_uids"] = list(kw["trainer_uids"])
     if kw.get("scope_all"):
         flags["scope"] = "all"
     elif kw.get("scope"):

@@ -98,6 +98,12 @@ def _paths(v: Any) -> list[str]:
     return list(v)
 
 
+def _uids(v: Any) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        raise ValueError(f"expected a list of non-root uids (integers > 0), got {v!r}")
+    return list(v)
+
+
 def _addrs(v: Any) -> list[str]:
     """A list of IP addresses (strings); [] means the default."""
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -231,6 +237,10 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("ringbuf_pages", _ringbuf_pages, 2048, "ring buffer size in 4 KiB pages (power of two)", "--ringbuf-pages"),
     Key("control_socket", _path_or_none, str(CONTROL_SOCKET), "control socket for top and episode commands ('' off)",
         "--control-socket"),
+    Key("trainer_group", _path_or_none, None,
+        "group (name or gid) whose members may use the trainer API without root ('' none; docs/episodes.md)",
+        "--trainer-group"),
+    Key("trainer_uids", _uids, [], "uids with the trainer API's rights without root", "--trainer-uid"),
     Key("gate_timeout", _float(0.05, 60), 2.0, "seconds a gated exec may wait for its verdict", "--gate-timeout",
         reload=True),
     Key("gate_default", _choice("kill", "allow"), "kill", "verdict for an episode's gated exec that timed out",
@@ -406,6 +416,7 @@ def run_options(cfg: Config, **extra: Any):
         dns_upstreams=list(v["dns_upstreams"]) or None, dns_ttl_grace=v["dns_ttl_grace"],
         pin_dir=PIN_BASE if v["pin_state"] else None, keep_enforcing=v["keep_enforcing"],
         orphan_episode=v["orphan_episode"], orphan_grace=v["orphan_grace"],
+        trainer_group=v["trainer_group"], trainer_uids=list(v["trainer_uids"]),
         **extra,
     )
 

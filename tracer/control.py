@@ -15,6 +15,12 @@ Requests (client -> server)::
                                                     -> handle_command(cmd, request), with
                                                        "ok": true added when absent
     {"op": "ping"}                                  -> {"ok": true, "pong": true}
+    {"op": "episode_open", "id": "...", "pid": N}   -> the trainer API (docs/episodes.md "Trainer API"):
+    {"op": "episode_close", "id": "..."}               open puts the caller's blocked child N in a new
+    {"op": "episode_verdicts", "id": "..."}            episode cgroup, close ends it, verdicts reads
+    {"op": "episode_watch", "id": "..."}               its verdict file; handle_trainer(op, request);
+                                                       watch: {"ok": true}, then {"type": "alert", ...}
+                                                       as they happen and {"type": "end", ...} last
     {"op": "episode_detail", "id": "..."}           -> {"ok": true, "detail": {...}}: one episode's
                                                        process tree, connections, listeners,
                                                        alerts, GPU use, recent records, held
@@ -22,8 +28,13 @@ Requests (client -> server)::
 
 Any failure is answered ``{"ok": false, "error": "..."}`` (unknown op, bad JSON,
 an exception in the snapshot or command callback). A peer whose uid is not
-allowed (root and the tracer's own uid, checked with SO_PEERCRED) gets
-``{"ok": false, "code": "forbidden", "error": "..."}`` and is disconnected. A connection may carry any
+allowed (root and the tracer's own uid, checked with SO_PEERCRED) and is no
+trainer (``trainer_uids``, ``trainer_gids``) gets
+``{"ok": false, "code": "forbidden", "error": "..."}`` and is disconnected;
+a trainer gets that reply for any op outside TRAINER_ALLOWED. The server
+adds ``"peer": {"pid", "uid", "gid", "role"}`` (SO_PEERCRED) to a trainer's
+episode requests and to every trainer op, replacing any the client sent
+(an episode request without it is an admin's). A connection may carry any
 number of requests; a subscription keeps streaming until the client closes.
 
 The server runs one selector loop in a daemon thread. Every socket is
@@ -58,9 +69,13 @@ __all__ = [
     "ConnectionLost",
     "Subscription",
     "EPISODE_COMMANDS",
+    "TRAINER_OPS",
 ]
 
 EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
+# the trainer API's operations (docs/episodes.md "Trainer API"), kept apart from the episode commands
+TRAINER_OPS = ("episode_open", "episode_close", "episode_verdicts", "episode_watch")
+TRAINER_ALLOWED = ("ping", "episode", *TRAINER_OPS)  # what a trainer (not root) may ask
 ALERT_QUEUE = 1000            # pushed alerts buffered per subscriber before the oldest are dropped
 MAX_REQUEST = 1 << 20         # longest request line accepted
 MAX_REPLIES = 64              # pending replies per client before its requests stop being read
@@ -124,6 +139,7 @@ class _Conn:
     __slots__ = (
         "sock", "inbuf", "replies", "alerts", "snapshot", "partial", "subscribed",
         "interval", "next_due", "dropped", "dropped_sent", "want_alerts", "closing", "events",
+        "peer", "role", "watch",
     )
 
     def __init__(self, sock: socket.socket) -> None:
@@ -141,6 +157,9 @@ class _Conn:
         self.want_alerts = True
         self.closing = False       # close once the pending output is written
         self.events = 0
+        self.peer: dict[str, int] | None = None   # SO_PEERCRED: pid, uid, gid
+        self.role = "admin"        # admin (root, our uid) or trainer (docs/episodes.md "Trainer API")
+        self.watch: str | None = None  # episode_watch: the episode whose verdicts stream here
 
     def pending(self) -> bool:
         return bool(self.partial is not None or self.replies or self.alerts or self.snapshot
@@ -163,16 +182,17 @@ class _Conn:
         return None
 
 
-def _secure_dir(directory: Path) -> None:
-    """Create `directory` 0700, or tighten it to 0700 when it is ours and not a shared dir."""
+def _secure_dir(directory: Path, mode: int = 0o700) -> None:
+    """Create `directory` with `mode` (0700; 0711 when trainers may reach the
+    socket), or set it so when it is ours and not a shared dir."""
     if not directory.exists():
-        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+        directory.mkdir(parents=True, mode=mode, exist_ok=True)
+        os.chmod(directory, mode)
         return
     st = directory.stat()
     shared = bool(st.st_mode & stat.S_ISVTX) or str(directory) in ("/", "/tmp", "/var/tmp", "/run", "/dev/shm")
-    if st.st_uid == os.geteuid() and not shared and stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
+    if st.st_uid == os.geteuid() and not shared and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(directory, mode)
 
 
 class ControlServer:
@@ -186,8 +206,16 @@ class ControlServer:
         *,
         allowed_uids: set[int] | None = None,
         get_detail: DetailFn | None = None,
+        trainer_uids: set[int] | frozenset[int] = frozenset(),
+        trainer_gids: set[int] | frozenset[int] = frozenset(),
+        handle_trainer: CommandFn | None = None,
     ) -> None:
         self.path = Path(path)
+        # trainers (SO_PEERCRED uid, or a member of one of these groups) may run,
+        # list and end their own episodes and read their verdicts, nothing else
+        self.trainer_uids = frozenset(trainer_uids)
+        self.trainer_gids = frozenset(trainer_gids)
+        self._handle_trainer = handle_trainer
         self._get_detail = get_detail
         self._get_snapshot = get_snapshot
         self._handle_command = handle_command
@@ -198,6 +226,7 @@ class ControlServer:
         self._ino: tuple[int, int] | None = None
         self._conns: dict[int, _Conn] = {}
         self._subs: tuple[_Conn, ...] = ()
+        self._watch: dict[str, tuple[_Conn, ...]] = {}  # episode -> its watchers (replaced, never changed)
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._wake_pending = False
@@ -214,7 +243,7 @@ class ControlServer:
         (EADDRINUSE: another tracer listens there; EEXIST: the path is not a socket)."""
         if self._thread is not None:
             return self
-        _secure_dir(self.path.parent)
+        _secure_dir(self.path.parent, 0o711 if self._has_trainers else 0o700)
         self._clear_stale()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{next(_TMP_COUNTER)}")
         try:
@@ -226,7 +255,8 @@ class ControlServer:
             # bind under a temporary name, make it 0600, then move it into place:
             # the socket is never reachable with looser permissions
             listener.bind(str(tmp))
-            os.chmod(tmp, 0o600)
+            # with trainers, anyone may connect and SO_PEERCRED decides (docs/episodes.md)
+            os.chmod(tmp, 0o666 if self._has_trainers else 0o600)
             os.rename(tmp, self.path)
             listener.listen(64)
             listener.setblocking(False)
@@ -321,7 +351,7 @@ class ControlServer:
     def publish_alert(self, record: dict) -> None:
         """Push an alert to every subscriber. Never blocks; cheap when nobody subscribes."""
         subs = self._subs
-        if not subs:
+        if not subs and not self._watch:
             return
         line: bytes | None = None
         for conn in subs:
@@ -339,8 +369,33 @@ class ControlServer:
                 conn.dropped += 1
                 self.alerts_dropped += 1
             q.append(line)          # a full deque drops its oldest entry
+        watchers = self._watch.get(record.get("episode") or "") if self._watch else None
+        if watchers:
+            if line is None:
+                msg = dict(record)
+                msg["type"] = "alert"
+                line = _dumps(msg)
+            for conn in watchers:
+                if len(conn.alerts) >= ALERT_QUEUE:
+                    conn.dropped += 1
+                    self.alerts_dropped += 1
+                conn.alerts.append(line)
         if line is not None:
             self._wake()
+
+    def publish_end(self, record: dict) -> None:
+        """An episode ended: its watchers get ``{"type": "end", ...the
+        episode_end record}`` last, then their connection is closed."""
+        watchers = self._watch.get(record.get("episode") or "") if self._watch else None
+        if not watchers:
+            return
+        msg = dict(record)
+        msg["type"] = "end"
+        line = _dumps(msg)
+        for conn in watchers:
+            conn.alerts.append(line)
+            conn.closing = True    # after what is queued is written
+        self._wake()
 
     def _wake(self, force: bool = False) -> None:
         """Make the loop's select() return (at most one pending byte, unless forced)."""
@@ -415,23 +470,51 @@ class ControlServer:
             sock.setblocking(False)
             conn = _Conn(sock)
             self.clients_total += 1
-            uid = self._peer_uid(sock)
+            conn.peer = self._peer_cred(sock)
+            uid = conn.peer["uid"] if conn.peer else None
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
             conn.events = selectors.EVENT_READ
             if uid is not None and uid not in self.allowed_uids:
-                conn.replies.append(_dumps({"ok": False, "code": "forbidden",
-                                            "error": f"permission denied for uid {uid}: the control socket is root-only"}))
-                conn.closing = True
+                if self._is_trainer(conn.peer):
+                    conn.role = "trainer"
+                else:
+                    conn.replies.append(_dumps({"ok": False, "code": "forbidden",
+                                                "error": f"permission denied for uid {uid}: the control socket is "
+                                                         "root-only" + (" (and the trainers')" if self._has_trainers
+                                                                        else "")}))
+                    conn.closing = True
+
+    @property
+    def _has_trainers(self) -> bool:
+        return bool(self.trainer_uids or self.trainer_gids)
 
     @staticmethod
-    def _peer_uid(sock: socket.socket) -> int | None:
+    def _peer_cred(sock: socket.socket) -> dict[str, int] | None:
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-            return uid
+            pid, uid, gid = struct.unpack("3i", creds)
+            return {"pid": pid, "uid": uid, "gid": gid}
         except (OSError, AttributeError, struct.error):
             return None
+
+    def _is_trainer(self, peer: dict[str, int] | None) -> bool:
+        """The peer's uid is a trainer's, or its primary or a supplementary
+        group (read from /proc/PID/status of the connecting process) is."""
+        if peer is None or not self._has_trainers:
+            return False
+        if peer["uid"] in self.trainer_uids or peer["gid"] in self.trainer_gids:
+            return True
+        if not self.trainer_gids:
+            return False
+        try:
+            with open(f"/proc/{peer['pid']}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return bool({int(g) for g in line.split()[1:]} & self.trainer_gids)
+        except (OSError, ValueError):
+            pass
+        return False
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -473,6 +556,22 @@ class ControlServer:
             conn.replies.append(_error("a request is a JSON object with an 'op'"))
             return
         op = req.get("op")
+        if conn.role == "trainer" and op not in TRAINER_ALLOWED:
+            conn.replies.append(_dumps({"ok": False, "code": "forbidden",
+                                        "error": f"permission denied: {op!r} is for root; a trainer may use "
+                                                 f"{', '.join(TRAINER_ALLOWED)}"}))
+            return
+        if op in TRAINER_OPS or (op == "episode" and conn.role != "admin"):
+            # who asks, as the kernel says (never what the client wrote)
+            req["peer"] = {**(conn.peer or {}), "role": conn.role}
+        elif op == "episode":
+            req.pop("peer", None)  # an admin's request: no caller to check
+        if op == "episode_watch":
+            self._start_watch(conn, req)
+            return
+        if op in TRAINER_OPS:
+            conn.replies.append(self._trainer(op, req))
+            return
         if op == "snapshot":
             try:
                 conn.replies.append(self._snapshot_line(fresh=True))
@@ -518,6 +617,52 @@ class ControlServer:
         else:
             conn.replies.append(_error(f"unknown op {op!r}; expected snapshot, subscribe, episode, "
                                        "episode_detail or ping"))
+
+    def _start_watch(self, conn: _Conn, req: dict) -> None:
+        """A live verdict stream of one episode: its alerts as they happen,
+        then its end. Registered before the tracer checks the caller may
+        watch it (the loop thread: owner, episode known), so nothing
+        published in between is missed; removed again when refused."""
+        ep = req.get("id")
+        if not isinstance(ep, str) or not ep or conn.watch is not None:
+            conn.replies.append(_error("episode_watch: an 'id' is required (one watch per connection)"))
+            return
+        conn.watch = ep
+        self._watch = {**self._watch, ep: self._watch.get(ep, ()) + (conn,)}
+        reply = self._trainer("episode_watch", req)
+        if not orjson.loads(reply).get("ok"):
+            self._unwatch(conn)
+            conn.replies.append(reply)
+            conn.closing = True
+            return
+        conn.replies.append(reply)
+
+    def _unwatch(self, conn: _Conn) -> None:
+        ep = conn.watch
+        if ep is None:
+            return
+        conn.watch = None
+        rest = tuple(c for c in self._watch.get(ep, ()) if c is not conn)
+        w = dict(self._watch)
+        if rest:
+            w[ep] = rest
+        else:
+            w.pop(ep, None)
+        self._watch = w
+
+    def _trainer(self, op: str, req: dict) -> bytes:
+        if self._handle_trainer is None:
+            return _error(f"{op}: this tracer serves no trainer operations")
+        try:
+            reply = self._handle_trainer(op, req)
+        except Exception as exc:
+            return _error(f"{op} failed: {exc}" if str(exc) else f"{op} failed: {type(exc).__name__}")
+        reply = dict(reply)
+        reply.setdefault("ok", True)
+        try:
+            return _dumps(reply)
+        except TypeError as exc:
+            return _error(f"{op}: reply not serialisable: {exc}")
 
     def _detail(self, req: dict) -> bytes:
         ep = req.get("id")
@@ -615,6 +760,7 @@ class ControlServer:
         if conn.subscribed:
             conn.subscribed = False
             self._subs = tuple(c for c in self._subs if c is not conn)
+        self._unwatch(conn)
         conn.closing = True
         try:
             conn.sock.close()

@@ -3,18 +3,17 @@ control socket when there is one (so its state and alerts stay in step),
 else directly on the episode cgroups and /proc."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from . import cgroups
 from .ids import check_episode_id
+from .commands import ACTIONS as COMMANDS, COMMAND_TIMEOUT_S, EpisodeOpError, execute, parse, parse_trainer
 from .paths import CONTROL_SOCKET
 
-COMMANDS = ("freeze", "thaw", "kill")
+__all__ = ["COMMANDS", "EpisodeOpError", "apply_episode_command", "episode_command", "list_episodes",
+           "offline_episodes", "last_retention"]
 
 
-class EpisodeOpError(RuntimeError):
-    pass
 
 
 def _client():
@@ -101,56 +100,20 @@ def _offline_command(cmd: str, episode: str) -> str:
     return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
 
 
-def episode_status(tracker, ep: str) -> dict[str, Any]:
-    """Whether the tracer has given episode `ep` its kernel identity: the
-    start handshake of `episode run` / run_episode (docs/scale.md). Read from
-    the control thread: single dict lookups of the loop thread's state."""
-    e = tracker.episodes.get(ep)
-    if e is not None and not e.ended and e.kernel:
-        return {"ok": True, "episode": ep, "state": "registered", "slot": e.slot}
-    if ep in tracker.refused:
-        s = tracker.slots
-        return {"ok": True, "episode": ep, "state": "refused",
-                "error": f"episode {ep!r} refused: the tracer already runs {len(s)} episodes, its limit "
-                         f"(--max-episodes {s.capacity})"}
-    return {"ok": True, "episode": ep, "state": "unknown"}
+def apply_episode_command(rt, state, cmd: str, args: dict[str, Any],
+                          timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
+    """Server side of the control socket's episode commands: validated once
+    into a typed command (tracer/commands.py), which the loop thread runs;
+    this (the control thread) waits for its reply. With no runtime (a live
+    view only) the command reads that view here."""
+    op = parse(cmd, args)
+    if rt is None:
+        return execute(None, state, op)
+    return rt.commands.submit(rt, state, op, timeout)
 
 
-def apply_episode_command(rt, state, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Server side of the control socket's episode commands."""
-    if cmd == "list":
-        snap = state.snapshot()
-        return {"ok": True, "episodes": snap.get("episodes", []),
-                "retention": snap.get("retention")}
-    if cmd == "status":
-        return episode_status(rt.tracker, check_episode_id(args.get("id") or ""))
-    if cmd not in COMMANDS:
-        raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, {', '.join(COMMANDS)})")
-    ep = args.get("id")
-    if not ep:
-        raise EpisodeOpError(f"{cmd}: an episode id is required")
-    check_episode_id(ep)
-    tracker = rt.tracker
-    e = tracker.episodes.get(ep)
-    if e is None or e.ended:
-        raise EpisodeOpError(f"no running episode {ep!r}")
-    eng = rt.pipeline.engine
-    if eng is not None and eng.enforcer is not None:
-        enf = eng.enforcer
-    else:
-        from .enforce import Enforcer
-
-        enf = Enforcer(False, lambda x: tracker.cgroups.paths.get(x),
-                       lambda x: [p.pid for p in tracker.table.members(x)], rt.probes.release_gated)
-    # operator commands are not policy actions: they apply in monitor mode too
-    if cmd == "kill":
-        ok, detail = enf.kill_episode(ep)
-        new = "killed"
-    else:
-        ok, detail = enf.freeze_episode(ep, cmd == "freeze")
-        new = "frozen" if cmd == "freeze" else "running"
-    if not ok:
-        raise EpisodeOpError(f"{cmd} {ep} failed: {detail}")
-    state.set_episode_state(ep, new)
-    rt.pipeline.emit({"type": "episode_command", "ts": time.time(), "episode": ep, "cmd": cmd, "by": "operator"})
-    return {"ok": True, "message": f"{cmd} {ep}: ok", "state": new}
+def apply_trainer_op(rt, op: str, req: dict[str, Any], timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
+    """Server side of the trainer ops (episode_open, episode_close,
+    episode_verdicts): typed, run by the loop thread like every command."""
+    cmd = parse_trainer(op, req)
+    return rt.commands.submit(rt, None, cmd, timeout)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .commands import CommandQueue
 from .episodes import Tracker
 from .events import TRACK_CGROUP, TRACK_ENV, TRACK_ESCAPED, TRACK_LINEAGE
 from .paths import CONTROL_SOCKET, RUN_DIR
@@ -37,6 +38,11 @@ class RunOptions:
     policy_dirs: list[Path] = field(default_factory=list)
     ringbuf_pages: int = 2048
     control_socket: Path | None = CONTROL_SOCKET
+    # the trainer API without root (docs/episodes.md "Trainer API"): peers of
+    # this group (name or gid) or these uids may run, list and end their own
+    # episodes and read their verdicts on the control socket
+    trainer_group: str | None = None
+    trainer_uids: list[int] = field(default_factory=list)
     verdict_dir: Path | None = RUN_DIR / "verdicts"
     stats_interval: float = 1.0
     preexisting_sockets: bool = True
@@ -108,6 +114,10 @@ class Runtime:
         self.service: Any = None  # tracer.node_service.NodeService once started
         self.runners: Any = None  # tracer.runners.RunnerWatch once started
         self._reload_pending = False
+        # commands of other threads, run by the loop thread (tracer/commands.py)
+        self.commands = CommandQueue(self)
+        self._observers.append(self.commands.observe)  # publishes the start handshake's answers
+        self.operator_enforcer: Any = None  # the one Enforcer of a tracer without policy (commands.enforcer_of)
 
     # ----------------------------------------------------------------- start
     def start(self) -> dict[str, Any]:
@@ -326,11 +336,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ loop
     def loop(self, poll_ms: int = 100) -> None:
+        """The loop thread: the only writer of the tracker, process table,
+        engine, kernel maps and pipeline. Other threads reach them through
+        self.commands, drained here after every poll (tracer/commands.py)."""
         hooks = self._poll_hooks
+        commands = self.commands
         while not self.stop_event.is_set():
-            self.probes.poll(poll_ms)
+            self.probes.poll(commands.poll_ms(poll_ms))
             for h in hooks:
                 h()
+            commands.drain(self)
             self.service.after_poll()
             self.poll_gpu()
             now = time.monotonic()

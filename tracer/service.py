@@ -8,7 +8,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .episode_ops import EpisodeOpError, apply_episode_command
+from .episode_ops import EpisodeOpError, apply_episode_command, apply_trainer_op
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,46 @@ def _make_state(rt):
     return st
 
 
+def trainer_ids(opts) -> tuple[frozenset[int], frozenset[int]]:
+    """The trainers' uids and gids of the run options (a group by name or
+    number); ValueError naming an unknown group."""
+    import grp
+
+    gids: set[int] = set()
+    g = opts.trainer_group
+    if g not in (None, ""):
+        if str(g).isdigit():
+            gids.add(int(g))
+        else:
+            try:
+                gids.add(grp.getgrnam(str(g)).gr_gid)
+            except KeyError:
+                raise ValueError(f"trainer_group: no group {g!r} on this node") from None
+    return frozenset(int(u) for u in opts.trainer_uids), frozenset(gids)
+
+
+def control_server(rt, snapshot, handle, detail):
+    """The tracer's control socket: root's, and the trainers' when
+    trainer_group / trainer_uids are set (docs/episodes.md "Trainer API")."""
+    from .control import ControlServer
+
+    uids, gids = trainer_ids(rt.opts)
+
+    def trainer(op: str, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return apply_trainer_op(rt, op, req)
+        except EpisodeOpError as e:
+            return {"ok": False, "error": str(e)}
+
+    return ControlServer(rt.opts.control_socket, snapshot, handle, get_detail=detail,
+                         trainer_uids=uids, trainer_gids=gids, handle_trainer=trainer)
+
+
 def serve(rt, dashboard: bool = False) -> None:
     state = _make_state(rt)  # State locks itself: observe() and snapshot() run on different threads
     server = None
-    # appended by the loop's thread (and by operator commands on the control
-    # thread): a deque, so a concurrent append is never lost by a flush
+    # appended by the loop's thread only (operator commands run there too,
+    # tracer/commands.py); a deque all the same: cheap, and safe to flush
     pending: deque[dict[str, Any]] = deque()
 
     def observe(rec: dict[str, Any]) -> None:
@@ -40,8 +75,12 @@ def serve(rt, dashboard: bool = False) -> None:
         pending.append(rec)
         if len(pending) >= STATE_BATCH:  # a long poll under load must not hold records in memory
             flush()
-        if server is not None and rec.get("type") == "alert":
-            server.publish_alert(rec)
+        if server is not None:
+            t = rec.get("type")
+            if t == "alert":
+                server.publish_alert(rec)
+            elif t == "episode_end":
+                server.publish_end(rec)  # the end of an episode_watch stream
 
     def flush() -> None:
         if pending:
@@ -68,10 +107,8 @@ def serve(rt, dashboard: bool = False) -> None:
             return {"ok": False, "error": str(e)}
 
     if rt.opts.control_socket is not None:
-        from .control import ControlServer
-
         try:
-            server = ControlServer(rt.opts.control_socket, snapshot, handle, get_detail=feed.detail)
+            server = control_server(rt, snapshot, handle, feed.detail)
             server.start()
         except OSError as e:
             log.warning("control socket %s unavailable: %s", rt.opts.control_socket, e)
