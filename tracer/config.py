@@ -205,6 +205,12 @@ def _outputs(v: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _containers(v: Any) -> dict[str, Any]:
+    from .sources import check_config
+
+    return check_config(v)
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -247,6 +253,8 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("verdict_retention", _float(0, 10 * 365 * 86400), 86400.0,
         "seconds a finished episode's verdict file is kept (0: forever)", "--verdict-retention", reload=True),
     Key("outputs", _outputs, [], "[[outputs]] alert outputs: falco (HTTP), webhook (HTTP), syslog"),
+    Key("containers", _containers, {}, "[containers] episodes from container cgroups: label, [[containers.rules]], "
+        "runtime sockets, state dirs (docs/episodes.md)"),
     Key("gate_proc_grace", _float(0, 60), 0.5,
         "seconds after which a held exec whose record has not come is judged from /proc (0: off)",
         "--gate-proc-grace"),
@@ -393,6 +401,7 @@ def run_options(cfg: Config, **extra: Any):
         max_episodes=v["max_episodes"], ended_keep=v["ended_keep"], ended_keep_s=v["ended_keep_s"],
         episode_rate=v["episode_rate"], episode_burst=v["episode_burst"],
         dns_upstreams=list(v["dns_upstreams"]) or None, dns_ttl_grace=v["dns_ttl_grace"],
+        containers=v["containers"],
         **extra,
     )
 

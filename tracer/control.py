@@ -60,7 +60,8 @@ __all__ = [
     "EPISODE_COMMANDS",
 ]
 
-EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
+EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status",
+                    "attach", "detach")  # status: docs/scale.md; attach, detach: docs/episodes.md
 ALERT_QUEUE = 1000            # pushed alerts buffered per subscriber before the oldest are dropped
 MAX_REQUEST = 1 << 20         # longest request line accepted
 MAX_REPLIES = 64              # pending replies per client before its requests stop being read

@@ -101,6 +101,49 @@ def _offline_command(cmd: str, episode: str) -> str:
     return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
 
 
+def _attach_command(rt, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    """attach / detach (tracer/attach_ops.py): run on the tracer's loop thread."""
+    from .attach_ops import AttachError, control_attach, control_detach
+
+    try:
+        return control_attach(rt, args) if cmd == "attach" else control_detach(rt, args)
+    except (AttachError, ValueError) as e:
+        raise EpisodeOpError(str(e)) from None
+
+
+def attach_command(episode: str, cgroup: str | None = None, pid: int | None = None) -> dict[str, Any]:
+    """Client side of `episode attach`: the running tracer must do it (it is
+    what makes the cgroup an episode)."""
+    from .control import ControlError
+
+    check_episode_id(episode)
+    extra: dict[str, Any] = {}
+    if cgroup is not None:
+        extra["cgroup"] = cgroup
+    if pid is not None:
+        extra["pid"] = pid
+    try:
+        reply = _client().command("attach", id=episode, **extra)
+    except ControlError as e:
+        raise EpisodeOpError(f"attach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeOpError(reply.get("error") or f"attach {episode} failed")
+    return reply
+
+
+def detach_command(episode: str) -> dict[str, Any]:
+    from .control import ControlError
+
+    check_episode_id(episode)
+    try:
+        reply = _client().command("detach", id=episode)
+    except ControlError as e:
+        raise EpisodeOpError(f"detach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeOpError(reply.get("error") or f"detach {episode} failed")
+    return reply
+
+
 def episode_status(tracker, ep: str) -> dict[str, Any]:
     """Whether the tracer has given episode `ep` its kernel identity: the
     start handshake of `episode run` / run_episode (docs/scale.md). Read from
@@ -124,8 +167,11 @@ def apply_episode_command(rt, state, cmd: str, args: dict[str, Any]) -> dict[str
                 "retention": snap.get("retention")}
     if cmd == "status":
         return episode_status(rt.tracker, check_episode_id(args.get("id") or ""))
+    if cmd in ("attach", "detach"):
+        return _attach_command(rt, cmd, args)
     if cmd not in COMMANDS:
-        raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, {', '.join(COMMANDS)})")
+        raise EpisodeOpError(f"unknown episode command {cmd!r} (expected list, status, attach, detach, "
+                             f"{', '.join(COMMANDS)})")
     ep = args.get("id")
     if not ep:
         raise EpisodeOpError(f"{cmd}: an episode id is required")

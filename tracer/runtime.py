@@ -71,6 +71,7 @@ class RunOptions:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # validated [[outputs]] tables
     config: Any = None  # the tracer.config.Config this run started from
     config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
+    containers: dict[str, Any] | None = None  # the [containers] table: container episodes (tracer/sources.py)
 
 
 # `ready` carries it; docs/record-schema.json describes this version of the records
@@ -102,6 +103,7 @@ class Runtime:
         self.scale_failed_closed = 0  # episodes/processes stopped because a kernel map could not name them
         self.episode_loss = EpisodeLoss()
         self.service: Any = None  # tracer.node_service.NodeService once started
+        self.source_ops: Any = None  # tracer.attach_ops.SourceOps once started
         self._reload_pending = False
 
     # ----------------------------------------------------------------- start
@@ -126,6 +128,9 @@ class Runtime:
                                slot_start_gen=opts.slot_start_gen)
         self.tracker.slots.on_wrap = self.probes.untrack_slot_index
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
+        from . import attach_ops
+
+        self.source_ops = attach_ops.install(self)  # attached cgroups, container episodes (docs/episodes.md)
         from .flows import FlowInspector
 
         self.flows = FlowInspector(self.probes, self.tracker, timeout_s=opts.wire_timeout)
@@ -239,6 +244,10 @@ class Runtime:
                         ok = False
                         self._fail_closed(rec["episode"], "episode_cgroups map full")
                 e.kernel = ok
+                if e.source in ("attach", "container"):
+                    from .attach_ops import track_members
+
+                    track_members(self, e)
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
