@@ -37,7 +37,10 @@ def parent():
     _need_root()
     from tracer import cgroups
 
-    p = cgroups.cgroup2_mount() / f"at-test-src-{uuid.uuid4().hex[:8]}"
+    mount = cgroups.cgroup2_mount()
+    ctl = mount / "cgroup.subtree_control"
+    enabled = set(ctl.read_text().split())
+    p = mount / f"at-test-src-{uuid.uuid4().hex[:8]}"
     p.mkdir()
     try:
         yield p
@@ -51,6 +54,13 @@ def parent():
         wait_for(lambda: not cgroups.all_procs(p), timeout=10)
         for dirpath, dirs, _ in os.walk(p, topdown=False):
             os.rmdir(dirpath)
+        # crun enables every available controller down its cgroup path (here
+        # hugetlb at the root): the root's subtree_control as it was
+        for c in set(ctl.read_text().split()) - enabled:
+            try:
+                ctl.write_text(f"-{c}")
+            except OSError as e:  # another cgroup below uses it now
+                print(f"could not disable {c} at {ctl} again: {e}")
 
 
 @pytest.fixture(scope="module")
