@@ -185,3 +185,13 @@ def test_labels_from_a_docker_api_socket(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_doctor_says_path_rules_only_when_no_runtime_is_reachable(tmp_path):
+    from tracer.sources import doctor_line
+
+    cfg = ContainersConfig(runtime_sockets=[str(tmp_path / "none.sock")], state_dirs=[str(tmp_path / "x/{id}/status")])
+    ok, detail = doctor_line(cfg)
+    assert "no container runtime reachable" in detail and "path rules only" in detail
+    (tmp_path / "x").mkdir()
+    assert "OCI state" in doctor_line(cfg)[1]
