@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def test_attached_cgroup_is_an_episode_and_detach_kills_nothing(tracer, parent, 
         ex = tracer.wait(type="exec", episode=ep, comm="xmrig")
         assert ex and ex[0]["killed_in_kernel"] is True and ex[0]["membership"] == "cgroup"
         assert outside.wait(timeout=10) == 0, "the same name outside the attached cgroup was touched"
+        # moved into another sub-cgroup of the attached one (made just before): still
+        # inside its episode, not an escape (episode-escape would kill the episode)
+        moved = cg / "moved"
+        moved.mkdir()
+        (moved / "cgroup.procs").write_text(str(before.pid))
+        rt.drain()
+        assert wait_for(lambda: rt.tracker.cgroups.episode_of(os.stat(moved).st_ino) == ep, 5)
+        time.sleep(0.3)  # a wrongly judged escape would have killed it by now; checked below, not timed
+        rt.drain()
+        assert before.poll() is None and not tracer.find(type="alert", rule="episode-escape", episode=ep)
+        assert rt.tracker.table.get(before.pid).episode == ep
         # detach: ends the episode, kills nothing
         got = rt.source_ops.call(lambda: detach_now(rt, ep))
         assert got["released"] >= 1
