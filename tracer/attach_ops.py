@@ -57,12 +57,30 @@ def resolve_target(cgroup: str | None, pid: int | None) -> Path:
     return p
 
 
+class _Request:
+    __slots__ = ("fn", "box", "done", "claimed")
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn, self.box, self.done, self.claimed = fn, [], threading.Event(), threading.Lock()
+
+
+def _run(req: _Request) -> None:
+    """Run a request once (the loop, or the caller when no loop runs)."""
+    if not req.claimed.acquire(blocking=False):
+        return
+    try:
+        req.box.append(("ok", req.fn()))
+    except Exception as e:  # the caller gets it
+        req.box.append(("err", e))
+    req.done.set()
+
+
 class SourceOps:
     """Installed on a Runtime at start: the request queue, container episodes."""
 
     def __init__(self, rt: Any):
         self.rt = rt
-        self.requests: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self.loop_thread: int | None = None
         self._last_sources = 0.0
 
@@ -70,14 +88,10 @@ class SourceOps:
         self.loop_thread = threading.get_ident()
         while True:
             try:
-                fn, box, done = self.requests.get_nowait()
+                req = self.requests.get_nowait()
             except queue.Empty:
                 break
-            try:
-                box.append(("ok", fn()))
-            except Exception as e:  # the caller gets it
-                box.append(("err", e))
-            done.set()
+            _run(req)
         tr = self.rt.tracker
         if tr.containers is not None and tr.containers.pending:
             now = time.monotonic()
@@ -88,14 +102,17 @@ class SourceOps:
 
     def call(self, fn: Callable[[], Any], timeout: float = REQUEST_TIMEOUT_S) -> Any:
         """fn() on the loop thread; its result, or its exception raised here."""
-        if self.loop_thread is None or self.loop_thread == threading.get_ident():
-            return fn()  # no loop running yet (or we are on it): run here
-        box: list[Any] = []
-        done = threading.Event()
-        self.requests.put((fn, box, done))
-        if not done.wait(timeout):
+        if self.loop_thread == threading.get_ident():
+            return fn()
+        req = _Request(fn)
+        self.requests.put(req)
+        if self.loop_thread is None and not req.done.wait(1.0):
+            # no loop has polled yet (a tracer driven without its loop): run
+            # it here unless the loop claimed it meanwhile
+            _run(req)
+        if not req.done.wait(timeout):
             raise AttachError(f"the tracer's loop did not answer within {timeout:.0f}s")
-        kind, val = box[0]
+        kind, val = req.box[0]
         if kind == "err":
             raise val
         return val

@@ -392,6 +392,7 @@ class Runtime:
                  "lost_total": sum(self._lost_seen.values()),
                  "counters": self.probes.counters(),
                  "slots": {**self.tracker.slots.stats(), "failed_closed": self.scale_failed_closed},
+                 **({"containers": self.tracker.containers.stats()} if self.tracker.containers else {}),
                  "events_by_kind": dict(pl.by_kind)})
         self._last_count = pl.count
         self._last_tick = now_mono

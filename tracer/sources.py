@@ -31,7 +31,6 @@ import json
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,6 +432,10 @@ class ContainerSource:
         self.pending.pop(cg, None)
         if not EPISODE_ID_RE.match(ep):
             self.bad_label += 1
+            import logging
+
+            logging.getLogger(__name__).warning("container cgroup %s: %s=%r is not a valid episode id "
+                                                "(letters, digits, . _ : -): not an episode", path, m.label, ep)
             return None
         return Decision(ep, cont, pod or None, m.rule)
 
@@ -514,6 +517,3 @@ def doctor_line(cfg: ContainersConfig) -> tuple[bool, str]:
         parts.append("OCI state " + ", ".join(dirs))
     return True, f"container labels from {'; '.join(parts)} (label {cfg.label!r}, {len(cfg.rules)} rules)"
 
-
-def now() -> float:
-    return time.time()
