@@ -401,3 +401,41 @@ def run_episode(episode: str, argv: Sequence[str], *, env: dict[str, str] | None
         if gpu:
             unregister(episode)
     return _result(episode, rc, proc.pid, lambda: _verdict_lines(episode, verdict_dir), t0, verdict_file)
+
+
+def attach_episode(episode: str, *, cgroup: str | os.PathLike[str] | None = None, pid: int | None = None,
+                   control_socket: str | os.PathLike[str] = CONTROL_SOCKET) -> dict[str, Any]:
+    """Make an existing cgroup (or the cgroup of running process `pid`)
+    episode `episode`, through the running tracer (docs/episodes.md). What
+    runs there now or later is a member; kill and freeze act on that cgroup.
+    Returns the tracer's reply (cgroup_path, slot, processes); EpisodeError
+    with the tracer's reason otherwise."""
+    from .control import ControlClient, ControlError
+
+    check_episode_id(episode)
+    extra: dict[str, Any] = {}
+    if cgroup is not None:
+        extra["cgroup"] = os.fspath(cgroup)
+    if pid is not None:
+        extra["pid"] = pid
+    try:
+        reply = ControlClient(control_socket).command("attach", id=episode, **extra)
+    except ControlError as e:
+        raise EpisodeError(f"attach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeError(str(reply.get("error") or f"attach {episode} failed"))
+    return reply
+
+
+def detach_episode(episode: str, *, control_socket: str | os.PathLike[str] = CONTROL_SOCKET) -> dict[str, Any]:
+    """End an attached (or container) episode without killing its processes."""
+    from .control import ControlClient, ControlError
+
+    check_episode_id(episode)
+    try:
+        reply = ControlClient(control_socket).command("detach", id=episode)
+    except ControlError as e:
+        raise EpisodeError(f"detach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeError(str(reply.get("error") or f"detach {episode} failed"))
+    return reply

@@ -431,6 +431,45 @@ for _cmd in ("freeze", "thaw", "kill"):
     _episode_cmd(_cmd)
 
 
+@episode.command("attach")
+@click.option("--id", "episode_id", required=True, help="Episode id (letters, digits, . _ : -).")
+@click.option("--cgroup", "cgroup", default=None,
+              help="An existing cgroup: absolute, or relative to the cgroup2 mount.")
+@click.option("--pid", "pid", type=click.IntRange(1), default=None, help="The cgroup of this running process.")
+def episode_attach(episode_id, cgroup, pid) -> None:
+    """Make an existing cgroup (someone else's) episode ID, through the
+    running tracer: what runs there now or starts later is a member; kill
+    and freeze act on that cgroup. See docs/episodes.md.
+
+    \b
+    Examples:
+      agent-tracer episode attach --id rollout-9 --cgroup /sys/fs/cgroup/sandbox/r9
+      agent-tracer episode attach --id rollout-9 --pid 4242
+    """
+    from .episode_ops import EpisodeOpError, attach_command
+
+    if (cgroup is None) == (pid is None):
+        raise click.UsageError("give exactly one of --cgroup PATH or --pid PID")
+    try:
+        reply = attach_command(episode_id, cgroup=cgroup, pid=pid)
+    except EpisodeOpError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"attach {episode_id}: {reply.get('cgroup_path')} ({reply.get('processes', 0)} processes)")
+
+
+@episode.command("detach")
+@click.argument("episode_id")
+def episode_detach(episode_id) -> None:
+    """End attached (or container) episode ID without killing anything."""
+    from .episode_ops import EpisodeOpError, detach_command
+
+    try:
+        reply = detach_command(episode_id)
+    except EpisodeOpError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(reply.get("message") or f"detach {episode_id}: ok")
+
+
 # ------------------------------------------------------------------ replay
 @main.command()
 @click.argument("log_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))

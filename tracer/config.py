@@ -211,6 +211,12 @@ def _outputs(v: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _containers(v: Any) -> dict[str, Any]:
+    from .sources import check_config
+
+    return check_config(v)
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -257,6 +263,8 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("verdict_retention", _float(0, 10 * 365 * 86400), 86400.0,
         "seconds a finished episode's verdict file is kept (0: forever)", "--verdict-retention", reload=True),
     Key("outputs", _outputs, [], "[[outputs]] alert outputs: falco (HTTP), webhook (HTTP), syslog"),
+    Key("containers", _containers, {}, "[containers] episodes from container cgroups: label, [[containers.rules]], "
+        "runtime sockets, state dirs (docs/episodes.md)"),
     Key("gate_proc_grace", _float(0, 60), 0.5,
         "seconds after which a held exec whose record has not come is judged from /proc (0: off)",
         "--gate-proc-grace"),
@@ -417,6 +425,7 @@ def run_options(cfg: Config, **extra: Any):
         pin_dir=PIN_BASE if v["pin_state"] else None, keep_enforcing=v["keep_enforcing"],
         orphan_episode=v["orphan_episode"], orphan_grace=v["orphan_grace"],
         trainer_group=v["trainer_group"], trainer_uids=list(v["trainer_uids"]),
+        containers=v["containers"],
         **extra,
     )
 

@@ -72,7 +72,9 @@ __all__ = [
     "TRAINER_OPS",
 ]
 
-EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status")  # status: docs/scale.md
+EPISODE_COMMANDS = ("freeze", "thaw", "kill", "list", "status",
+                    "attach", "detach")  # status: docs/scale.md; attach, detach: docs/episodes.md
+ROOT_EPISODE_COMMANDS = ("attach", "detach")  # they name any cgroup of the node: root only
 # the trainer API's operations (docs/episodes.md "Trainer API"), kept apart from the episode commands
 TRAINER_OPS = ("episode_open", "episode_close", "episode_verdicts", "episode_watch")
 TRAINER_ALLOWED = ("ping", "episode", *TRAINER_OPS)  # what a trainer (not root) may ask
@@ -595,6 +597,9 @@ class ControlServer:
                 return
             if cmd != "list" and not req.get("id"):
                 conn.replies.append(_error(f"episode {cmd}: an 'id' is required"))
+                return
+            if cmd in ROOT_EPISODE_COMMANDS and conn.role == "trainer":
+                conn.replies.append(_error(f"permission denied: episode {cmd} is for root"))
                 return
             try:
                 reply = self._handle_command(cmd, req)

@@ -97,6 +97,7 @@ def run_checks(selftest: bool = True) -> list[Check]:
                      "upgrade the kernel to >= 5.8"))
     out.append(_gpu_check())
     out.append(pins_check())
+    out.append(_containers_check())
     if selftest and root and all(c.status != "fail" for c in out if c.required):
         out.extend(_selftest())
     return out
@@ -198,6 +199,27 @@ def _selftest() -> list[Check]:
     finally:
         rt.close()
     return out
+
+
+def _containers_check() -> Check:
+    """Container episodes (docs/episodes.md): which runtime can say a
+    container's labels; none reachable means path rules only."""
+    from .sources import doctor_line, parse_config
+
+    try:
+        from . import config
+
+        table = config.load().values.get("containers") if config.CONFIG_FILE.exists() else None
+    except Exception:  # a bad config file is `config check`'s to report
+        table = None
+    try:
+        ok, detail = doctor_line(parse_config(table or {}))
+    except Exception as e:
+        return Check("containers", "warn", f"cannot check container runtimes: {e}", required=False)
+    status = "warn" if "no container runtime reachable" in detail else ("ok" if ok else "warn")
+    return Check("containers", status, detail,
+                 "start the runtime's API socket (podman system service, dockerd) or rely on "
+                 "[[containers.rules]] path patterns (docs/episodes.md)", required=False)
 
 
 def print_report(checks: list[Check], as_json: bool = False) -> bool:

@@ -100,12 +100,59 @@ def _offline_command(cmd: str, episode: str) -> str:
     return f"{cmd} {episode}: ok (no tracer running: applied to {cg})"
 
 
+def _attach_command(rt, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    """attach / detach (tracer/attach_ops.py): run on the tracer's loop thread."""
+    from .attach_ops import AttachError, control_attach, control_detach
+
+    try:
+        return control_attach(rt, args) if cmd == "attach" else control_detach(rt, args)
+    except (AttachError, ValueError) as e:
+        raise EpisodeOpError(str(e)) from None
+
+
+def attach_command(episode: str, cgroup: str | None = None, pid: int | None = None) -> dict[str, Any]:
+    """Client side of `episode attach`: the running tracer must do it (it is
+    what makes the cgroup an episode)."""
+    from .control import ControlError
+
+    check_episode_id(episode)
+    extra: dict[str, Any] = {}
+    if cgroup is not None:
+        extra["cgroup"] = cgroup
+    if pid is not None:
+        extra["pid"] = pid
+    try:
+        reply = _client().command("attach", id=episode, **extra)
+    except ControlError as e:
+        raise EpisodeOpError(f"attach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeOpError(reply.get("error") or f"attach {episode} failed")
+    return reply
+
+
+def detach_command(episode: str) -> dict[str, Any]:
+    from .control import ControlError
+
+    check_episode_id(episode)
+    try:
+        reply = _client().command("detach", id=episode)
+    except ControlError as e:
+        raise EpisodeOpError(f"detach {episode}: {e}") from None
+    if not reply.get("ok"):
+        raise EpisodeOpError(reply.get("error") or f"detach {episode} failed")
+    return reply
+
+
 def apply_episode_command(rt, state, cmd: str, args: dict[str, Any],
                           timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
     """Server side of the control socket's episode commands: validated once
     into a typed command (tracer/commands.py), which the loop thread runs;
     this (the control thread) waits for its reply. With no runtime (a live
     view only) the command reads that view here."""
+    if cmd in ("attach", "detach"):
+        if rt is None:
+            raise EpisodeOpError(f"{cmd}: needs the running tracer")
+        return _attach_command(rt, cmd, args)
     op = parse(cmd, args)
     if rt is None:
         return execute(None, state, op)

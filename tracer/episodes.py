@@ -54,7 +54,7 @@ _FAST_TYPES = frozenset({"connect", "socket", "bind", "memfd", "gpu_open", "deny
 @dataclass
 class Episode:
     id: str
-    source: str  # cgroup | env | preexisting
+    source: str  # cgroup | env | preexisting | attach | container (docs/episodes.md)
     slot: int  # kernel identity (tracer/slots.py)
     cgroup_path: str | None = None
     cgroup_ids: set[int] = field(default_factory=set)
@@ -74,6 +74,11 @@ class CgroupRegistry:
         self._last_scan = 0.0
         self._unknown: set[int] = set()
         self._gone: dict[str, float] = {}  # episode -> when a scan first found its directory gone
+        # cgroups outside the episode root that are episodes (attached, containers):
+        # path below the cgroup2 mount ("/a/b", no trailing slash) -> episode
+        self.foreign: dict[str, str] = {}
+        self._foreign_gone: dict[str, float] = {}
+        self.on_new_id: Any = None  # (episode, cgroup id) of a foreign sub-cgroup found by a scan
         # the root as the kernel's cgroup_mkdir tracepoint names it (its path
         # below the cgroup2 mount), e.g. "/agent-tracer/"
         self.kernel_prefix: str | None = None
@@ -91,6 +96,13 @@ class CgroupRegistry:
         process that runs and dies there before the next scan is still
         attributed (the scan would find the directory gone)."""
         pre = self.kernel_prefix
+        if self.foreign:
+            root = self.foreign_root_of(path)
+            if root is not None:
+                ep = self.foreign[root]
+                self.by_cgroup[cg] = ep
+                self._unknown.discard(cg)
+                return ep, self.paths.get(ep) or Path(root)
         if pre is None or self.root is None or not path.startswith(pre):
             return None
         ep = path[len(pre):].split("/", 1)[0]
@@ -102,10 +114,81 @@ class CgroupRegistry:
         self._gone.pop(ep, None)
         return ep, self.root / ep
 
+    # ---------------------------------------------- foreign cgroups (attach, containers)
+    def foreign_root_of(self, path: str | None) -> str | None:
+        """The attached root `path` (below the cgroup2 mount) is or is below."""
+        if not path or not self.foreign:
+            return None
+        p = "/" + path.strip("/")
+        while p:
+            if p in self.foreign:
+                return p
+            p = p.rsplit("/", 1)[0]
+        return None
+
+    def attach(self, ep: str, kpath: str, abspath: Path) -> set[int]:
+        """Make the cgroup at `abspath` (kpath: below the mount) and every
+        cgroup below it episode `ep`'s; returns their ids."""
+        ids = _tree_ids(abspath)
+        if not ids:
+            raise FileNotFoundError(f"no cgroup {abspath}")
+        self.foreign[kpath] = ep
+        self.paths.setdefault(ep, abspath)
+        for i in ids:
+            self.by_cgroup[i] = ep
+            self._unknown.discard(i)
+        return ids
+
+    def detach(self, ep: str) -> None:
+        for k in [k for k, e in self.foreign.items() if e == ep]:
+            del self.foreign[k]
+            self._foreign_gone.pop(k, None)
+        if self.root is None or self.paths.get(ep) != self.root / ep:
+            self.paths.pop(ep, None)
+
+    def _scan_foreign(self, now: float) -> list[str]:
+        """Register sub-cgroups of attached roots whose mkdir record was not
+        seen; returns the episodes whose every root is gone (after the grace)."""
+        from .cgroups import cgroup2_mount
+
+        gone_eps = []
+        mount = str(cgroup2_mount())
+        for kpath, ep in list(self.foreign.items()):
+            ids = _tree_ids(Path(mount + kpath))
+            if not ids:
+                first = self._foreign_gone.setdefault(kpath, now)
+                if now - first >= SCAN_REMOVE_GRACE_S:
+                    del self.foreign[kpath]
+                    del self._foreign_gone[kpath]
+                    if ep not in self.foreign.values():
+                        gone_eps.append(ep)
+                continue
+            self._foreign_gone.pop(kpath, None)
+            for i in ids:
+                if i not in self.by_cgroup:
+                    self.by_cgroup[i] = ep
+                    self._unknown.discard(i)
+                    if self.on_new_id is not None:
+                        self.on_new_id(ep, i)
+        return gone_eps
+
     def removed_dir(self, cg: int, path: str) -> tuple[str, bool] | None:
         """A cgroup_rmdir record: (episode, whether it was the episode's own
         directory) for an episode cgroup or one below it; forgets the id."""
         pre = self.kernel_prefix
+        if self.foreign:
+            root = self.foreign_root_of(path)
+            if root is not None:
+                ep = self.foreign[root]
+                self.by_cgroup.pop(cg, None)
+                top = "/" + path.strip("/") == root
+                if top:
+                    del self.foreign[root]
+                    self._foreign_gone.pop(root, None)
+                    top = ep not in self.foreign.values()  # its last root
+                    if top:
+                        self.paths.pop(ep, None)
+                return ep, top
         if pre is None or self.root is None or not path.startswith(pre):
             return None
         rest = path[len(pre):].strip("/")
@@ -130,7 +213,7 @@ class CgroupRegistry:
         if len(self._unknown) > 65536:
             self._unknown.clear()
         if self.root is None or not self.root.exists():
-            return [], []
+            return [], self._scan_foreign(self._last_scan) if self.foreign else []
         found: dict[str, tuple[Path, set[int]]] = {}
         try:
             entries = list(os.scandir(self.root))
@@ -161,8 +244,9 @@ class CgroupRegistry:
         # buffer: it is removed by its cgroup_rmdir record, in stream order;
         # the scan removes it only after a grace (that record was lost)
         now = self._last_scan
+        foreign_eps = set(self.foreign.values())
         for ep in list(self.paths):
-            if ep in found:
+            if ep in found or ep in foreign_eps:
                 continue
             first = self._gone.setdefault(ep, now)
             if now - first < SCAN_REMOVE_GRACE_S:
@@ -172,6 +256,8 @@ class CgroupRegistry:
             del self.paths[ep]
             for i in [i for i, e in self.by_cgroup.items() if e == ep]:
                 del self.by_cgroup[i]
+        if self.foreign:
+            removed.extend(self._scan_foreign(now))
         return added, removed
 
     def episode_of(self, cg: int | None) -> str | None:
@@ -200,6 +286,13 @@ class Tracker:
         self.refused: dict[str, float] = {}  # episode -> when it was refused (no identity free)
         self._ended: list[tuple[float, str, Episode]] = []  # (monotonic end, id, episode), oldest first
         self.pending: list[dict[str, Any]] = []  # records produced outside observe()
+        # episode sources beyond the episode root (tracer/sources.py, docs/episodes.md)
+        self.containers: Any = None  # tracer.sources.ContainerSource when container episodes are on
+        self.tags: dict[str, dict[str, Any]] = {}  # episode -> fields every record of it carries (container, pod)
+        # (episode, cgroup id) of a cgroup that joined a running episode outside
+        # the episode root (the runtime names it in the kernel's episode_cgroups)
+        self.on_cgroup_added: Any = None
+        self.cgroups.on_new_id = self._foreign_id_found
 
     # ------------------------------------------------------------- episodes
     def _start(self, ep: str, source: str, now: float, cgroup_path: str | None = None,
@@ -236,6 +329,119 @@ class Tracker:
                 del self.cgroups.by_cgroup[cg]
         return {"type": "episode_end", "ts": now, "episode": ep, "reason": reason, "exit_code": exit_code}
 
+    # --------------------------------------------- attached cgroups, containers
+    def attach(self, ep: str, abspath: Path, now: float, source: str = "attach",
+               tags: dict[str, Any] | None = None, rule: str | None = None) -> list[dict[str, Any]]:
+        """An existing cgroup (anywhere under the cgroup2 mount) and every
+        cgroup below it become episode `ep`: what runs there now or later is
+        a member. Returns the records (episode_start, or episode_refused);
+        ValueError when it cannot be (names what is wrong)."""
+        from .cgroups import cgroup2_mount
+
+        check_episode_id(ep)
+        mount = cgroup2_mount()
+        abspath = Path(os.path.realpath(abspath))
+        try:
+            rel = abspath.relative_to(mount)
+        except ValueError:
+            raise ValueError(f"{abspath} is not below the cgroup2 mount {mount}") from None
+        if str(rel) in ("", "."):
+            raise ValueError("the cgroup2 root cannot be an episode")
+        if not (abspath / "cgroup.procs").exists():
+            raise ValueError(f"no cgroup {abspath} (no cgroup.procs there)")
+        root = self.cgroups.root
+        if root is not None and (abspath == root or root in abspath.parents):
+            raise ValueError(f"{abspath} is inside the episode root {root}: it is an episode cgroup already")
+        kpath = "/" + str(rel)
+        owner = self.cgroups.foreign_root_of(kpath)
+        if owner is not None:
+            raise ValueError(f"{abspath} is already episode {self.cgroups.foreign[owner]!r}'s (attached {owner})")
+        for k, other in self.cgroups.foreign.items():
+            if k.startswith(kpath + "/"):
+                raise ValueError(f"{abspath} contains {k}, already episode {other!r}'s")
+        e = self.episodes.get(ep)
+        if e is not None and not e.ended:
+            raise ValueError(f"episode {ep!r} is running already (source {e.source})")
+        try:
+            ids = self.cgroups.attach(ep, kpath, abspath)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        r = self._start(ep, source, now, str(abspath), None, ids)
+        if not r or r["type"] != "episode_start":
+            self.cgroups.detach(ep)
+            for i in ids:
+                self.cgroups.by_cgroup.pop(i, None)
+            return [r] if r else []
+        if tags:
+            self.tags[ep] = dict(tags)
+            r.update(tags)
+        if rule:
+            r["rule"] = rule
+        # what runs there already: members now, parents first
+        out = [r]
+        from .cgroups import all_procs
+
+        procs = []
+        for pid in all_procs(abspath):
+            p = self.table.lookup_or_read(pid) if self.live else self.table.get(pid)
+            if p is not None:
+                procs.append(p)
+        for p in sorted(procs, key=lambda p: (p.start or 0, p.pid)):
+            self._resolve(p)
+        return out
+
+    def detach(self, ep: str, now: float) -> list[dict[str, Any]]:
+        """End an attached (or container) episode without killing anything:
+        its processes are no one's any more. ValueError when it is not one."""
+        e = self.episodes.get(ep)
+        if e is None or e.ended:
+            raise ValueError(f"no running episode {ep!r}")
+        if e.source not in ("attach", "container"):
+            raise ValueError(f"episode {ep!r} was not attached (source {e.source}): end it with kill, "
+                             "or let its command finish")
+        members = self.table.members(ep)
+        r = self._end(ep, now, "detached")
+        self.cgroups.detach(ep)
+        for p in members:
+            p.episode, p.membership = None, None
+        for p in members:
+            self._resolve(p)
+        return [r] if r else []
+
+    def _foreign_id_found(self, ep: str, cg: int) -> None:
+        e = self.episodes.get(ep)
+        if e is None or e.ended:
+            return
+        e.cgroup_ids.add(cg)
+        if self.on_cgroup_added is not None:
+            self.on_cgroup_added(ep, cg)
+
+    def _container_started(self, cg: int, path: str, d: Any, now: float) -> list[dict[str, Any]]:
+        from .cgroups import cgroup2_mount
+
+        tags: dict[str, Any] = {}
+        if d.container:
+            tags["container"] = d.container
+        if d.pod:
+            tags["pod"] = d.pod
+        try:
+            return self.attach(d.episode, cgroup2_mount() / path.strip("/"), now, "container", tags, d.rule)
+        except ValueError as err:
+            import logging
+
+            logging.getLogger(__name__).warning("container cgroup %s: not episode %s: %s", path, d.episode, err)
+            return []
+
+    def poll_sources(self, now: float) -> list[dict[str, Any]]:
+        """Containers whose labels were not readable at their cgroup_mkdir, decided now."""
+        c = self.containers
+        if c is None or not c.pending:
+            return []
+        out = []
+        for cg, path, d in c.retry(now):
+            out.extend(self._container_started(cg, path, d, now))
+        return out
+
     def seed(self, now: float) -> list[dict[str, Any]]:
         """At start: read /proc and the episode cgroups, and report the
         episodes that were already running."""
@@ -247,6 +453,14 @@ class Tracker:
                 out.append(r)
         if self.live:
             self.table.seed_from_proc()
+        if self.containers is not None and self.live:
+            from .cgroups import cgroup2_mount
+            from .sources import scan_existing
+
+            for cg, path in scan_existing(self.containers.cfg, cgroup2_mount()):
+                d = self.containers.classify(cg, path, now)
+                if d is not None:
+                    out.extend(self._container_started(cg, path, d, now))
         # resolve every process, parents first, so lineage flows down
         for p in sorted(self.table.procs.values(), key=lambda p: (p.start or 0, p.pid)):
             self._resolve(p)
@@ -265,7 +479,7 @@ class Tracker:
                 out.append(r)
         for ep in removed:
             e = self.episodes.get(ep)
-            if e is not None and e.source in ("cgroup", "preexisting") and e.cgroup_path:
+            if e is not None and e.source in ("cgroup", "preexisting", "attach", "container") and e.cgroup_path:
                 r = self._end(ep, now, "removed")
                 if r:
                     out.append(r)
@@ -484,12 +698,21 @@ class Tracker:
         """Not a record of its own: a new episode cgroup starts its episode."""
         got = self.cgroups.made(rec["cgroup_id"], rec.get("path") or "")
         if got is None:
+            if self.containers is not None and self.live:
+                d = self.containers.classify(rec["cgroup_id"], rec.get("path") or "", rec.get("ts", time.time()))
+                if d is not None:
+                    return self._container_started(rec["cgroup_id"], rec.get("path") or "", d,
+                                                   rec.get("ts", time.time()))
             return []
         ep, path = got
         e = self.episodes.get(ep)
         if e is not None and not e.ended:
             e.cgroup_ids.add(rec["cgroup_id"])
+            if e.source in ("attach", "container") and self.on_cgroup_added is not None:
+                self.on_cgroup_added(ep, rec["cgroup_id"])
             return []
+        if ep in self.cgroups.foreign.values():
+            return []  # a sub-cgroup of an attached root whose episode is over
         r = self._start(ep, "cgroup", rec.get("ts", time.time()), str(path), None, {rec["cgroup_id"]})
         return [r] if r else []
 
@@ -523,6 +746,7 @@ class Tracker:
             _, ep, e = ended[n]
             if self.episodes.get(ep) is e:
                 del self.episodes[ep]
+                self.tags.pop(ep, None)
             n += 1
         if n:
             del ended[:n]
@@ -533,6 +757,22 @@ class Tracker:
 
     def ancestors_exe(self, pid: int) -> list[str]:
         return [a.exe or "" for a in self.table.ancestors(pid)]
+
+
+def _tree_ids(path: Path) -> set[int]:
+    """Cgroup ids (inode numbers) of `path` and every cgroup below it; empty when it is gone."""
+    ids: set[int] = set()
+    try:
+        ids.add(os.stat(path).st_ino)
+        for dirpath, dirs, _ in os.walk(path):
+            for sub in dirs:
+                try:
+                    ids.add(os.stat(os.path.join(dirpath, sub)).st_ino)
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return set()
+    return ids
 
 
 def _readlink(path: str) -> str | None:

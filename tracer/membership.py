@@ -33,6 +33,9 @@ def _episode_of_slot(tracker: Any, slot: int | None) -> str | None:
 
 
 def _episode_of_path(tracker: Any, path: str | None) -> str | None:
+    root = tracker.cgroups.foreign_root_of(path)  # an attached cgroup or container (tracer/sources.py)
+    if root is not None:
+        return tracker.cgroups.foreign[root]
     pre = tracker.cgroups.kernel_prefix
     if not path or not pre or not path.startswith(pre):
         return None
@@ -80,9 +83,15 @@ def observe_escape(tracker: Any, rec: dict[str, Any]) -> list[dict[str, Any]]:
         # a move inside its own episode (a sub-cgroup the registry had not
         # seen yet): not an escape
         if dst is not None:
+            new = tracker.cgroups.by_cgroup.get(dst) != ep
             tracker.cgroups.by_cgroup[dst] = ep
             tracker.cgroups._unknown.discard(dst)
             p.cgroup = dst
+            if new and tracker.cgroups.foreign_root_of(rec.get("dst_path")) is not None:
+                # a sub-cgroup of an attached root whose cgroup_mkdir record
+                # is not in yet: named in the kernel now (the process stays
+                # tracked with its slot meanwhile)
+                tracker._foreign_id_found(ep, dst)
         return []
     if dst is not None:
         p.cgroup = dst

@@ -48,6 +48,7 @@ class Pipeline:
         self.by_kind: Counter[str] = Counter()
         self.decode_errors = 0
         self.wire: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None  # tracer.flows: report -> records
+        self.tags = tracker.tags  # episode -> fields every record of it carries (container, pod)
 
     # live ------------------------------------------------------------------
     def feed_raw(self, buf: bytes) -> None:
@@ -108,6 +109,11 @@ class Pipeline:
     def _emit_kernel(self, rec: dict[str, Any]) -> None:
         """emit() for a record that has its ts and episode already."""
         self.count += 1
+        tags = self.tags
+        if tags:
+            extra = tags.get(rec.get("episode"))
+            if extra:
+                rec.update(extra)
         by_kind = self.by_kind
         t = rec["type"]
         by_kind[t] = by_kind.get(t, 0) + 1

@@ -81,6 +81,7 @@ class RunOptions:
     orphan_grace: float = 5.0  # seconds after the runner's death
     config: Any = None  # the tracer.config.Config this run started from
     config_loader: Callable[[], Any] | None = None  # re-reads the config files at a reload
+    containers: dict[str, Any] | None = None  # the [containers] table: container episodes (tracer/sources.py)
 
 
 # `ready` carries it; docs/record-schema.json describes this version of the records
@@ -113,6 +114,7 @@ class Runtime:
         self.episode_loss = EpisodeLoss()
         self.service: Any = None  # tracer.node_service.NodeService once started
         self.runners: Any = None  # tracer.runners.RunnerWatch once started
+        self.source_ops: Any = None  # tracer.attach_ops.SourceOps once started
         self._reload_pending = False
         # commands of other threads, run by the loop thread (tracer/commands.py)
         self.commands = CommandQueue(self)
@@ -142,6 +144,9 @@ class Runtime:
                                slot_start_gen=opts.slot_start_gen)
         self.tracker.slots.on_wrap = self.probes.untrack_slot_index
         self.pipeline = Pipeline(self.tracker, sinks, engine, observers=[self._sync_kernel, *self._observers])
+        from . import attach_ops
+
+        self.source_ops = attach_ops.install(self)  # attached cgroups, container episodes (docs/episodes.md)
         from .flows import FlowInspector
 
         self.flows = FlowInspector(self.probes, self.tracker, timeout_s=opts.wire_timeout)
@@ -262,6 +267,10 @@ class Runtime:
                         ok = False
                         self._fail_closed(rec["episode"], "episode_cgroups map full")
                 e.kernel = ok
+                if e.source in ("attach", "container"):
+                    from .attach_ops import track_members
+
+                    track_members(self, e)
         elif t == "episode_end":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
@@ -414,6 +423,7 @@ class Runtime:
                  "lost_total": sum(self._lost_seen.values()),
                  "counters": self.probes.counters(),
                  "slots": {**self.tracker.slots.stats(), "failed_closed": self.scale_failed_closed},
+                 **({"containers": self.tracker.containers.stats()} if self.tracker.containers else {}),
                  "events_by_kind": dict(pl.by_kind)})
         self._last_count = pl.count
         self._last_tick = now_mono
