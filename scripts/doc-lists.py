@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tracer.policy import load_policy  # noqa: E402
+from episode_tracer.policy import load_policy  # noqa: E402
 
 DOC = ROOT / "docs" / "policies.md"
 HEAD = "| list | file | what | read by |"

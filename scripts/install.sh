@@ -191,5 +191,5 @@ else
   log "installing agent-tracer (editable) into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e . --config-settings editable_mode=compat
 fi
-"$VENV/bin/python" -c 'import bcc, tracer' || die "bcc or tracer not importable from $VENV"
+"$VENV/bin/python" -c 'import bcc, episode_tracer' || die "bcc or tracer not importable from $VENV"
 log "done: $VENV/bin/agent-tracer doctor"

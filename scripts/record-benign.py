@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import benign  # noqa: E402
 from at_testlib import LiveTracer  # noqa: E402
 from nethost import NetHost  # noqa: E402
-from tracer.paths import POLICY_DIR  # noqa: E402
+from episode_tracer.paths import POLICY_DIR  # noqa: E402
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ LIVE_LOCK = "/run/agent-tracer-live-test.lock"
 
 def _has_gpu() -> bool:
     try:
-        from tracer.gpu import nvml_status
+        from episode_tracer.gpu import nvml_status
 
         return nvml_status()[0]
     except Exception:
@@ -35,8 +35,8 @@ class LiveTracer:
     """A Runtime running its loop in a thread, recording into memory."""
 
     def __init__(self, **opts):
-        from tracer.runtime import Runtime, RunOptions
-        from tracer.sinks import MemorySink
+        from episode_tracer.runtime import Runtime, RunOptions
+        from episode_tracer.sinks import MemorySink
 
         self.sink = MemorySink()
         o = dict(log=None, control_socket=None, verdict_dir=None, extra_sinks=[self.sink], policy=False)
@@ -98,7 +98,7 @@ class LiveTracer:
 
 
 def run_in_episode(ep: str, argv: list[str], **kw):
-    from tracer.api import run_episode
+    from episode_tracer.api import run_episode
 
     return run_episode(ep, argv, **kw)
 

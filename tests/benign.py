@@ -320,7 +320,7 @@ def entry_env(services: Services, work: Path) -> dict[str, str]:
 
 def run_entry(e: Entry, services: Services, root: Path) -> dict[str, Any]:
     """Run one entry in its own episode; what happened, for the report."""
-    from tracer.api import run_episode
+    from episode_tracer.api import run_episode
 
     work = root / e.id
     (work / "home").mkdir(parents=True, exist_ok=True)
@@ -388,8 +388,8 @@ def run_live(tracer, services: Services, root: Path, entries: list[Entry], worke
     """Run `entries` in episodes under `tracer` (an at_testlib.LiveTracer),
     then wait until the tracer has caught up (a marker episode's exec is
     seen: the ring buffer is one ordered stream)."""
-    from tracer import cgroups
-    from tracer.api import run_episode
+    from episode_tracer import cgroups
+    from episode_tracer.api import run_episode
 
     for e in entries:  # a run that died half-way may have left one behind
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / e.episode)

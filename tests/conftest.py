@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_pins():
-    """Session cleanup: no test may leave pinned tracer state (tracer/pins.py)
+    """Session cleanup: no test may leave pinned tracer state (episode_tracer/pins.py)
     behind. Leftovers are removed (their programs detach) and reported as an
     error of the session."""
     yield
@@ -38,7 +38,7 @@ def no_leftover_pins():
     import fcntl
 
     from at_testlib import LIVE_LOCK
-    from tracer.pins import PIN_BASE
+    from episode_tracer.pins import PIN_BASE
 
     with open(LIVE_LOCK, "w") as lock:  # not while another session's live tracer runs
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -70,9 +70,9 @@ def live_tracer():
 
 @pytest.fixture(scope="module")
 def packs_tracer():
-    """A tracer enforcing the default packs (policies/), shared by a module's tests."""
+    """A tracer enforcing the default packs (episode_tracer/policies/), shared by a module's tests."""
     from at_testlib import LiveTracer
-    from tracer.paths import POLICY_DIR
+    from episode_tracer.paths import POLICY_DIR
 
     t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR], monitor=False).start()
     try:
@@ -85,7 +85,7 @@ def _unique_episode():
     """A unique episode id; its cgroup is removed after the test."""
     ep = f"t-{uuid.uuid4().hex[:10]}"
     yield ep
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     try:
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)

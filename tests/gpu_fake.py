@@ -1,4 +1,4 @@
-"""A fake NVML at the one boundary the tracer has (tracer.gpu.use_backend):
+"""A fake NVML at the one boundary the tracer has (episode_tracer.gpu.use_backend):
 an object with the pynvml functions the sampler calls, replaying a recorded
 sequence of samples (tests/data/gpu/*.json). Everything above it (sampler,
 watcher, attribution, policy, durations) is the real code.

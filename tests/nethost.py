@@ -311,7 +311,7 @@ def protocol_detection_landed() -> bool:
     kernel (issue 4 part A). Tests that only those records can pass skip
     until it lands."""
     try:
-        from tracer import events
+        from episode_tracer import events
     except ImportError:
         return False
     kind = getattr(getattr(events, "Kind", None), "PROTOCOL", None)

@@ -1,13 +1,13 @@
 """The benchmark's own logic, without root: statistics, ramp search, target
-checks, log scanning and the reports (tracer/bench.py)."""
+checks, log scanning and the reports (episode_tracer/bench.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tracer import bench
-from tracer.bench import RampStep
+from episode_tracer import bench
+from episode_tracer.bench import RampStep
 
 
 # ------------------------------------------------------------- statistics
@@ -162,7 +162,7 @@ def test_scan_log_chunk_keeps_only_what_the_bench_reads():
     got = bench.scan_log_chunk(data)
     assert sorted(r["type"] for r in got) == ["alert", "exec", "lost", "ready", "stats"]
     assert [r["pid"] for r in got if r["type"] == "exec"] == [9]
-    # the live tracer's records start with the node name (tracer/sinks.py)
+    # the live tracer's records start with the node name (episode_tracer/sinks.py)
     noded = b"".join(json.dumps({"node": "gpu-7", **r}, separators=(",", ":")).encode() + b"\n" for r in lines)
     got = bench.scan_log_chunk(noded)
     assert sorted(r["type"] for r in got) == ["alert", "exec", "lost", "ready", "stats"]
@@ -303,7 +303,7 @@ def test_cleanup_runs_in_reverse_and_survives_errors():
 def test_cli_help_lists_examples_and_choices():
     from click.testing import CliRunner
 
-    from tracer.cli import main
+    from episode_tracer.cli import main
 
     res = CliRunner().invoke(main, ["bench", "--help"])
     assert res.exit_code == 0

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def _leftovers(before_dirs: set[str]) -> list[str]:
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     out = []
     root = cgroups.cgroup2_mount() / "agent-tracer"
@@ -52,7 +52,7 @@ def _procs_with(needle: str) -> list[int]:
 def test_quick_bench_runs_every_section_and_cleans_up(tmp_path):
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "agent-tracer-bench-*")))
     out_json, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "img" / "loss.png"
-    r = subprocess.run([sys.executable, "-m", "tracer.cli", "bench", "--quick", "--json", str(out_json),
+    r = subprocess.run([sys.executable, "-m", "episode_tracer.cli", "bench", "--quick", "--json", str(out_json),
                         "--markdown", str(md), "--plot", str(png)], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out_json.read_text())
@@ -123,7 +123,7 @@ def test_interrupted_bench_stops_everything_it_started(tmp_path):
     # full sizes: after its first step the ramp has at least two more 5 s
     # steps to run (ramp_over), so the SIGINT always lands mid-run (with
     # --quick the bench could finish first and exit 0)
-    p = subprocess.Popen([sys.executable, "-m", "tracer.cli", "bench", "--only", "throughput", "--no-profile",
+    p = subprocess.Popen([sys.executable, "-m", "episode_tracer.cli", "bench", "--only", "throughput", "--no-profile",
                           "--json", str(tmp_path / "b.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 import benign
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 ENTRIES = benign.load_corpus()
 
@@ -35,7 +35,7 @@ def test_corpus_is_large_and_every_allowance_is_justified():
 
 
 def test_corpus_allowances_name_only_alert_level_rules():
-    from tracer.policy import load_policy
+    from episode_tracer.policy import load_policy
 
     pol = load_policy([POLICY_DIR, benign.SITE_FILE]).policy
     for e in ENTRIES:
@@ -55,7 +55,7 @@ def test_judge_flags_enforcing_and_unjustified_alerts():
 
 
 def test_replay_of_the_recording_gives_no_enforcing_alert():
-    from tracer.cli import main
+    from episode_tracer.cli import main
 
     assert benign.RECORDING.exists(), "run scripts/record-benign.py (root) to make the recording"
     recs = [json.loads(x) for x in benign.RECORDING.read_text().splitlines() if x.strip()]
@@ -75,7 +75,7 @@ def test_replay_without_the_site_file_stops_the_ssh_entries():
     """The same recording without the site file: ssh to the outside host is
     not allowed, so the corpus's ssh and git-over-ssh entries are judged
     (this is what the site file is for)."""
-    from tracer.cli import main
+    from episode_tracer.cli import main
 
     res = CliRunner().invoke(main, ["replay", str(benign.RECORDING), "--policy-dir", str(POLICY_DIR), "--json"])
     alerts = [json.loads(x) for x in res.output.splitlines() if x.startswith("{")]

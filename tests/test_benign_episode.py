@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 
 from at_testlib import LiveTracer, have, run_in_episode
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable

@@ -1,4 +1,4 @@
-"""Commands to the loop thread (tracer/commands.py), without root: typed
+"""Commands to the loop thread (episode_tracer/commands.py), without root: typed
 commands parsed once, run by the draining thread only, answered through
 futures from many submitting threads; a command the loop does not take in
 time is withdrawn and never runs later."""
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer.commands import (Caller, CommandQueue, CommandTimeout, EpisodeAction, EpisodeOpError, EpisodeStatus,
+from episode_tracer.commands import (Caller, CommandQueue, CommandTimeout, EpisodeAction, EpisodeOpError, EpisodeStatus,
                              ListEpisodes, parse)
 
 TRAINER = Caller(pid=4242, uid=1001, trainer=True)

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.root
 
 
 def test_control_commands_from_threads_under_load(live_tracer, tmp_path, monkeypatch):
-    from tracer import cgroups, commands
-    from tracer.api import run_episode
-    from tracer.control import ControlClient, ControlServer
-    from tracer.episode_ops import apply_episode_command
-    from tracer.service import _make_state
+    from episode_tracer import cgroups, commands
+    from episode_tracer.api import run_episode
+    from episode_tracer.control import ControlClient, ControlServer
+    from episode_tracer.episode_ops import apply_episode_command
+    from episode_tracer.service import _make_state
 
     ran_on: set[int] = set()
     real_action = commands._episode_action

@@ -1,4 +1,4 @@
-"""The node configuration (tracer/config.py): files, config.d order, flags,
+"""The node configuration (episode_tracer/config.py): files, config.d order, flags,
 strict errors naming file and key, and `agent-tracer config show`."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tracer import config
-from tracer.cli import main
-from tracer.paths import POLICY_DIR
+from episode_tracer import config
+from episode_tracer.cli import main
+from episode_tracer.paths import POLICY_DIR
 
 
 def write(p: Path, text: str) -> Path:
@@ -90,7 +90,7 @@ def test_site_policy_dir_loads_after_the_packs(tmp_path):
 
 def test_site_policy_override_applies_to_the_packs(tmp_path):
     """A site file in policies.d disables a pack rule without editing the pack."""
-    from tracer.policy import load_policy
+    from episode_tracer.policy import load_policy
 
     site = tmp_path / "policies.d"
     write(site / "50-site.toml", '[[override]]\nrule = "miner-by-name"\nenabled = false\n')

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from tracer import paths
-from tracer.control import (
+from episode_tracer import paths
+from episode_tracer.control import (
     ALERT_QUEUE,
     ConnectionLost,
     ControlClient,
@@ -25,8 +25,8 @@ from tracer.control import (
     ControlServer,
     TracerNotRunning,
 )
-from tracer.dashboard import run_inline, run_top, top_command
-from tracer.state import State
+from episode_tracer.dashboard import run_inline, run_top, top_command
+from episode_tracer.state import State
 
 T0 = 1_760_000_000.0
 

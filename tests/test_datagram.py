@@ -1,4 +1,4 @@
-"""Datagram analysis (tracer/datagram.py) and the udp.toml rules on recorded
+"""Datagram analysis (episode_tracer/datagram.py) and the udp.toml rules on recorded
 queries (tests/data/datagrams.jsonl, made by tests/data/make_datagrams.py):
 DNS tunnels by the shape of their names and their volume, foreign resolvers,
 QUIC and other UDP to outside hosts; benign names raise nothing. No root."""
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from dnslib import DNSRecord
 
-from tracer.datagram import DatagramJudge, describe, describe_quic, entropy
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
+from episode_tracer.datagram import DatagramJudge, describe, describe_quic, entropy
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
 
 DATA = Path(__file__).parent / "data" / "datagrams.jsonl"
 CASES = [json.loads(x) for x in DATA.read_text().splitlines() if x.strip()]

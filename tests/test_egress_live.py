@@ -1,4 +1,4 @@
-"""policies/egress.toml live (root): the per-episode allowlist mode, turned
+"""episode_tracer/policies/egress.toml live (root): the per-episode allowlist mode, turned
 on the documented way (a site file with overrides), refuses every other
 destination in the kernel while allowlisted ones get through; by default it
 is off and external destinations are only logged."""
@@ -13,7 +13,7 @@ import pytest
 
 from at_testlib import LiveTracer, run_in_episode
 from nethost import NetHost
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable

@@ -22,9 +22,9 @@ import pytest
 
 from at_testlib import LiveTracer, run_in_episode, wait_for
 from nethost import NetHost
-from tracer import cgroups
-from tracer.dns_stub import node_resolvers
-from tracer.paths import POLICY_DIR
+from episode_tracer import cgroups
+from episode_tracer.dns_stub import node_resolvers
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
-from tracer.dns_stub import DnsStub, SlotView, node_resolvers, slot_of, tunnel_shape
-from tracer.egress_maps import PENDING_BIT, build_egress_maps
-from tracer.events import SLOT_CANARY
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy
-from tracer.policy.cli import policy as policy_cli
-from tracer.policy.egress import name_allowed, posture_warnings, profile_for
+from episode_tracer.dns_stub import DnsStub, SlotView, node_resolvers, slot_of, tunnel_shape
+from episode_tracer.egress_maps import PENDING_BIT, build_egress_maps
+from episode_tracer.events import SLOT_CANARY
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy
+from episode_tracer.policy.cli import policy as policy_cli
+from episode_tracer.policy.egress import name_allowed, posture_warnings, profile_for
 
 PROFILES = POLICY_DIR / "profiles"
 
@@ -199,7 +199,7 @@ def upstream():
 
 def test_stub_installs_before_answering_and_refuses_others(tmp_path, upstream, monkeypatch):
     (host, port), asked = upstream
-    import tracer.dns_stub as stub_mod
+    import episode_tracer.dns_stub as stub_mod
 
     real = socket.socket
 
@@ -240,7 +240,7 @@ def test_stub_answers_servfail_when_the_allow_map_is_full(tmp_path, upstream, mo
     """An answer whose addresses could not be installed is not given out
     (the kernel would refuse them): SERVFAIL, counted, on record."""
     (host, port), asked = upstream
-    import tracer.dns_stub as stub_mod
+    import episode_tracer.dns_stub as stub_mod
 
     real = socket.socket
 
@@ -267,7 +267,7 @@ def test_stub_answers_servfail_when_the_allow_map_is_full(tmp_path, upstream, mo
 
 
 def test_dns_drop_label_from_enforcing_rules(tmp_path):
-    from tracer.egress_ctl import dns_drop_label
+    from episode_tracer.egress_ctl import dns_drop_label
 
     assert dns_drop_label(load_policy([POLICY_DIR]).policy) == 40  # udp.toml's dns-tunnel-labels (kill)
     mk = lambda action, match, extra="": (

@@ -11,7 +11,7 @@ import pytest
 
 from at_testlib import LiveTracer, run_in_episode
 from test_egress_mode_live import CONNECT, HTTP_PORT, net  # noqa: F401 (the module-scoped fixture)
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable

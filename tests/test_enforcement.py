@@ -37,7 +37,7 @@ def policy_dir(tmp_path, body, name="00-test.toml"):
 
 
 def ep_cgroup(ep):
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     return cgroups.cgroup2_mount() / "agent-tracer" / ep
 
@@ -194,7 +194,7 @@ def test_exec_gate_kills_bad_lets_good_run(live_tracer, episode_id, tmp_path):
     try:
         assert res.exit_code == 0 and good.exists()
     finally:
-        from tracer import cgroups
+        from episode_tracer import cgroups
         cgroups.remove(ep_cgroup(f"{episode_id}g"))
 
 
@@ -361,5 +361,5 @@ def test_reload_broken_keeps_old_policy(live_tracer, episode_id, netns, tmp_path
     try:
         assert res.exit_code == errno.ECONNREFUSED
     finally:
-        from tracer import cgroups
+        from episode_tracer import cgroups
         cgroups.remove(ep_cgroup(f"{episode_id}b"))

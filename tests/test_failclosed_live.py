@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from at_testlib import LiveTracer, run_in_episode, wait_for
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -253,7 +253,7 @@ def test_flood_every_class_still_held(live_tracer, listener, tmp_path, episode_i
     counted for the flooder only."""
     import uuid
 
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     sockdir = Path(f"/tmp/at-flood-{uuid.uuid4().hex[:8]}")
     sockdir.mkdir()

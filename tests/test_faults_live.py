@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from at_testlib import LIVE_LOCK, wait_for
-from tracer import cgroups
-from tracer.paths import POLICY_DIR
-from tracer.pins import PIN_BASE
+from episode_tracer import cgroups
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.pins import PIN_BASE
 
 pytestmark = pytest.mark.root
 
@@ -136,7 +136,7 @@ def test_crash_restart_keeps_enforcing_and_adopts(lock, listener, tmp_path):
         assert left.get("at_connect4") == 1, left  # the sock_addr links live on in their pins
         assert "at_wire_egress" not in left  # the wire links die with the process (docs/faults.md)
         assert any(PIN_BASE.glob("*/maps/gated"))
-        from tracer.doctor import pins_check
+        from episode_tracer.doctor import pins_check
 
         c = pins_check()  # doctor says the kernel enforces alone
         assert c.status == "warn" and "no tracer running" in c.detail, c
@@ -194,7 +194,7 @@ def test_crash_restart_keeps_enforcing_and_adopts(lock, listener, tmp_path):
 
 RUNNER = r"""
 import sys
-from tracer.api import run_episode
+from episode_tracer.api import run_episode
 run_episode(sys.argv[1], ["/bin/sh", "-c", "echo $$ > " + sys.argv[2] + "; exec sleep 600"], control_socket=None,
             verdict_dir=__import__("pathlib").Path(sys.argv[3]))
 """
@@ -213,7 +213,7 @@ def test_runner_death_ends_its_episode(live_tracer, tmp_path, episode_id, policy
     """SIGKILL of the runner: with orphan_episode = kill the episode ends
     (reason runner-died) within the grace and nothing of it is left; with
     keep it runs on. A cgroup episode without a runner is never touched."""
-    from tracer.runners import RUNNER_DIR
+    from episode_tracer.runners import RUNNER_DIR
 
     t = live_tracer(orphan_episode=policy, orphan_grace=1.0).start()
     plain = cgroups.cgroup2_mount() / "agent-tracer" / f"{episode_id}-plain"

@@ -15,9 +15,9 @@ import uuid
 
 import pytest
 
-from tracer.engine import build_kernel_maps
-from tracer.events import Config
-from tracer.policy import load_policy
+from episode_tracer.engine import build_kernel_maps
+from episode_tracer.events import Config
+from episode_tracer.policy import load_policy
 
 pytestmark = pytest.mark.root
 PY = sys.executable

@@ -21,8 +21,8 @@ import pytest
 
 from at_testlib import run_in_episode, wait_for
 from gpu_fake import FakeNvml
-from tracer import gpu
-from tracer.paths import POLICY_DIR
+from episode_tracer import gpu
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -137,7 +137,7 @@ def test_watcher_attributes_and_kills_within_the_duration(live_tracer, standin, 
         tot = wait_for(lambda: [r for r in t.find(type="gpu_total", episode=ep_hog) if r["final"]], timeout=5)
         assert tot and tot[-1]["peak_mib"] == 6144.0 and tot[-1]["pids"] == [hog]
     finally:
-        from tracer import cgroups
+        from episode_tracer import cgroups
 
         for ep in (ep_hog, ep_ok):
             try:

@@ -1,4 +1,4 @@
-"""policies/gpu.toml over recorded NVML sequences: the real watcher (fake
+"""episode_tracer/policies/gpu.toml over recorded NVML sequences: the real watcher (fake
 NVML at the helper), the default packs, durations counted by Holds. No
 root, no GPU."""
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from gpu_fake import FakeNvml
-from tracer import gpu
-from tracer.episodes import Tracker
-from tracer.gpu_allow import GpuAllow, register
-from tracer.gpu_watch import GpuWatcher
-from tracer.paths import POLICY_DIR
-from tracer.policy import Holds, load_policy, record_context
-from tracer.proctable import Proc
+from episode_tracer import gpu
+from episode_tracer.episodes import Tracker
+from episode_tracer.gpu_allow import GpuAllow, register
+from episode_tracer.gpu_watch import GpuWatcher
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import Holds, load_policy, record_context
+from episode_tracer.proctable import Proc
 
 
 @pytest.fixture(scope="module")

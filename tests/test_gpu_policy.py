@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer.policy import Holds, load_policy, record_context
-from tracer.policy.replay import replay
+from episode_tracer.policy import Holds, load_policy, record_context
+from episode_tracer.policy.replay import replay
 
 from policy.helpers import load_text, messages
 
@@ -174,7 +174,7 @@ except = [ { exe = { glob = "$allowed" } } ]
 
 
 def test_gpu_allowed_from_record_then_context(tmp_path):
-    from tracer.policy import EvalContext
+    from episode_tracer.policy import EvalContext
 
     res = load_text(tmp_path, _rule('match = { path = { glob = "/dev/nvidia*" } }\nexcept = [ { gpu_allowed = true } ]',
                                     "gpu_open"))

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from gpu_fake import FakeNvml
-from tracer import gpu
-from tracer.engine import build_kernel_maps
-from tracer.episodes import Tracker
-from tracer.gpu_allow import GpuAllow, parse_registration, register
-from tracer.gpu_watch import GpuWatcher
-from tracer.paths import POLICY_DIR
-from tracer.policy import Holds, load_policy
-from tracer.proctable import Proc
+from episode_tracer import gpu
+from episode_tracer.engine import build_kernel_maps
+from episode_tracer.episodes import Tracker
+from episode_tracer.gpu_allow import GpuAllow, parse_registration, register
+from episode_tracer.gpu_watch import GpuWatcher
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import Holds, load_policy
+from episode_tracer.proctable import Proc
 
 PY, SH = "/usr/bin/python3.11", "/usr/bin/dash"
 

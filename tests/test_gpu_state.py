@@ -2,9 +2,9 @@
 summaries (verdict files, EpisodeResult) read them. No root."""
 from __future__ import annotations
 
-from tracer.api import EpisodeResult, read_gpu_total, read_verdicts
-from tracer.sinks import VerdictSink
-from tracer.state import State
+from episode_tracer.api import EpisodeResult, read_gpu_total, read_verdicts
+from episode_tracer.sinks import VerdictSink
+from episode_tracer.state import State
 
 
 def _total(ep, ts, peak, final=False):

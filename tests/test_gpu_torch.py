@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from at_testlib import run_in_episode, wait_for
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = [pytest.mark.root, pytest.mark.gpu, pytest.mark.slow]
 PY = sys.executable
@@ -94,7 +94,7 @@ def test_cuda_process_in_episode_is_attributed_and_killed(live_tracer, tmp_path)
         tot = wait_for(lambda: [r for r in t.find(type="gpu_total", episode=ep_ok) if r["final"]], timeout=10)
         assert tot and tot[-1]["peak_mib"] > 1024 and tot[-1]["sm_s"] > 1
     finally:
-        from tracer import cgroups
+        from episode_tracer import cgroups
 
         for ep in (ep_bad, ep_ok):
             try:

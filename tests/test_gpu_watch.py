@@ -1,5 +1,5 @@
 """The GPU watcher through a fake NVML (tests/gpu_fake.py, behind the one
-helper tracer.gpu.nvml): samples, attribution, allowlist, NVML errors, no
+helper episode_tracer.gpu.nvml): samples, attribution, allowlist, NVML errors, no
 NVML at all, the thread, totals. No root, no GPU."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import time
 import pytest
 
 from gpu_fake import FakeNvml
-from tracer import gpu
-from tracer.episodes import Tracker
-from tracer.gpu_allow import GpuAllow, register, unregister
-from tracer.gpu_watch import GpuWatcher
-from tracer.proctable import Proc
+from episode_tracer import gpu
+from episode_tracer.episodes import Tracker
+from episode_tracer.gpu_allow import GpuAllow, register, unregister
+from episode_tracer.gpu_watch import GpuWatcher
+from episode_tracer.proctable import Proc
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_attribution_of_processes_the_table_does_not_hold(backend, tmp_path):
     kids = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
     try:
         tr = _tracker(Proc(pid=os.getpid(), ppid=1, exe=sys.executable, episode="ep-par", membership="cgroup"))
-        from tracer.proctable import read_proc
+        from episode_tracer.proctable import read_proc
 
         own_cg = read_proc(kids[0].pid).cgroup
         rec = {"gpus": [{"uuid": "GPU-z", "name": "x", "mem_total_mib": 1000}],
@@ -215,7 +215,7 @@ def test_no_gpu(backend):
 
 
 def test_doctor_says_why_gpu_watching_is_off(backend):
-    from tracer.doctor import _gpu_check
+    from episode_tracer.doctor import _gpu_check
 
     backend(FakeNvml("hog.json", init_error="Driver Not Loaded"))
     c = _gpu_check()

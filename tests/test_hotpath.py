@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.episodes import CgroupRegistry
+from episode_tracer.episodes import CgroupRegistry
 
 
 def test_unknown_cgroup_rescans_once_not_per_record(tmp_path: Path) -> None:
@@ -31,14 +31,14 @@ def test_unknown_cgroup_rescans_once_not_per_record(tmp_path: Path) -> None:
 
 
 def _socket_raw(comm: bytes, family: int = 2) -> bytes:
-    from tracer import events
+    from episode_tracer import events
 
     lay = events.LAYOUTS[events.Kind.SOCKET]
     return struct.pack(lay.fmt, 5, 6, int(events.Kind.SOCKET), 7, 8, 0, comm, family, 1 | 0o4000, 6, 3)
 
 
 def test_decode_builds_the_whole_record_in_one_pass() -> None:
-    from tracer import events
+    from episode_tracer import events
 
     r = events.decode(_socket_raw(b"curl\0junk"))
     assert list(r.items()) == [("type", "socket"), ("ktime", 5), ("cgroup", 6), ("pid", 7), ("tid", 8),
@@ -93,13 +93,13 @@ def _random_stream(rnd, n: int, ep_ids: dict[int, str]) -> list[dict]:
 def _replay(monkeypatch, tmp_path: Path, stream: list[dict], fast: bool, ep_ids: dict[int, str]):
     import copy
 
-    from tracer import episodes
+    from episode_tracer import episodes
 
     monkeypatch.setattr(episodes, "_FAST_TYPES", episodes._FAST_TYPES if fast else frozenset())
     tr = episodes.Tracker(tmp_path, live=True)
     for cg, ep in ep_ids.items():
         tr.cgroups.by_cgroup[cg] = ep
-    from tracer.proctable import Proc
+    from episode_tracer.proctable import Proc
 
     tr.table.procs[9_000_001] = Proc(pid=9_000_001, ppid=1, cgroup=555)
     got = []

@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from tracer.sinks import JsonlSink, VerdictSink
+from episode_tracer.sinks import JsonlSink, VerdictSink
 
 
 def lines(p):

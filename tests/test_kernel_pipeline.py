@@ -234,7 +234,7 @@ def test_exit_code_and_signal(live_tracer, episode_id):
         s = t.wait(type="exit", episode=ep2, signal=signal.SIGTERM)
         assert s and s[0]["code"] is None
     finally:
-        from tracer import cgroups
+        from episode_tracer import cgroups
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep2)
 
 
@@ -267,7 +267,7 @@ def test_episode_named_by_cgroup_mkdir_before_its_cgroup_is_gone(live_tracer, ep
     t = live_tracer(policy=True, policy_dirs=[pol], monitor=False).start(loop=False)  # nothing is read yet
     res = run_in_episode(episode_id, [str(exe)])
     assert res.signal == signal.SIGKILL
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     assert not (cgroups.cgroup2_mount() / "agent-tracer" / episode_id).exists()
     t.rt.drain()

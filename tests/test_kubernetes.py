@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracer import config
+from episode_tracer import config
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 KUBECTL = shutil.which("kubectl")

@@ -1,5 +1,5 @@
-"""bpf/events.h is the one definition of every record: prove that the Python
-layouts in tracer/events.py agree with it, field by field, as the C compiler
+"""episode_tracer/bpf/events.h is the one definition of every record: prove that the Python
+layouts in episode_tracer/events.py agree with it, field by field, as the C compiler
 lays it out."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from tracer import events
-from tracer.paths import BPF_DIR
+from episode_tracer import events
+from episode_tracer.paths import BPF_DIR
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile bpf/events.h")
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile episode_tracer/bpf/events.h")
 
 
 def _c_layout(tmp_path, layouts):

@@ -3,8 +3,8 @@ keeps an escaped member (and what it starts) in its episode; a member seen
 in a cgroup outside its episode without an attach record is an escape too."""
 from __future__ import annotations
 
-from tracer.episodes import Episode, Tracker, _fileless
-from tracer.proctable import Proc
+from episode_tracer.episodes import Episode, Tracker, _fileless
+from episode_tracer.proctable import Proc
 
 EP_CG, OUT_CG = 4242, 777
 
@@ -106,8 +106,8 @@ class _Probes:
 
 
 def _engine(gate_default="kill"):
-    from tracer.engine import Engine, load_policy_or_raise
-    from tracer.paths import POLICY_DIR
+    from episode_tracer.engine import Engine, load_policy_or_raise
+    from episode_tracer.paths import POLICY_DIR
 
     e = Engine(load_policy_or_raise([POLICY_DIR]), [POLICY_DIR], monitor=False, gate_timeout=2.0,
                gate_default=gate_default)

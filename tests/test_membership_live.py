@@ -53,7 +53,7 @@ def ext(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracer(ext, tmp_path_factory):
-    from tracer.paths import POLICY_DIR
+    from episode_tracer.paths import POLICY_DIR
 
     site = tmp_path_factory.mktemp("site")
     (site / "90-site.toml").write_text(SITE)
@@ -81,7 +81,7 @@ def bins(tmp_path_factory):
 @pytest.fixture
 def outside_cgroup():
     """A cgroup outside the episode root, removed after the test."""
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     cg = cgroups.cgroup2_mount() / f"at-test-out-{uuid.uuid4().hex[:8]}"
     cg.mkdir()
@@ -101,7 +101,7 @@ def outside_cgroup():
 def noesc_episode():
     ep = f"{NOESC}{uuid.uuid4().hex[:8]}"
     yield ep
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     try:
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / ep)
@@ -180,7 +180,7 @@ def test_escaped_process_is_still_the_episodes(tracer, ext, outside_cgroup, noes
 
 def test_moving_outside_episodes_is_untouched(tracer, outside_cgroup):
     """A process outside every episode moving between cgroups: no record."""
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     p = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {outside_cgroup}/cgroup.procs; exit 7"])
     assert p.wait(timeout=20) == 7

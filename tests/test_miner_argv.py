@@ -1,4 +1,4 @@
-"""Miner argv indicators (policies/miners.toml) never match the command
+"""Miner argv indicators (episode_tracer/policies/miners.toml) never match the command
 lines of everyday tools with URLs, credentials, proxies and output flags,
 and still match miners' own syntax (no root)."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import shlex
 
 import pytest
 
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
 
 MINER_RULES = {"miner-by-argv", "mining-pool-in-argv", "miner-by-name", "miner-by-hash"}
 

@@ -8,11 +8,11 @@ import struct
 
 import pytest
 
-from tracer import events
-from tracer.engine import CANARY_UNIX, build_kernel_maps
-from tracer.nodesvc import path_bytes, reached_nothing, unix_deny_entries, unix_deny_rules
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy
+from episode_tracer import events
+from episode_tracer.engine import CANARY_UNIX, build_kernel_maps
+from episode_tracer.nodesvc import path_bytes, reached_nothing, unix_deny_entries, unix_deny_rules
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_probe_of_a_missing_path_reached_nothing(tmp_path):
 def test_unix_deny_constants_match_events_h():
     import re
 
-    from tracer.paths import BPF_DIR
+    from episode_tracer.paths import BPF_DIR
 
     text = (BPF_DIR / "events.h").read_text()
     flags = dict(re.findall(r"#define (AT_UNIX_[A-Z_]+) \(1u << (\d+)\)", text))

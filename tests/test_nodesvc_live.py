@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from at_testlib import LiveTracer, have, run_in_episode, wait_for
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -213,7 +213,7 @@ def test_own_sockets_by_any_spelling_work(tracer, tmp_path, episode_id):
 
 
 def test_default_list_matches_real_default_paths(tracer):
-    from tracer.nodesvc import unix_deny_entries
+    from episode_tracer.nodesvc import unix_deny_entries
 
     plan = tracer.rt.pipeline.engine.policy.kernel_plan()
     entries = unix_deny_entries(plan.unix_deny)
@@ -264,7 +264,7 @@ def test_tmux_outside_refused_inside_works(tracer, tmp_path, episode_id):
         assert not tracer.find(type="alert", episode=episode_id + "-2", rule="terminal-multiplexer-socket")
     finally:
         subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True, timeout=20)
-        from tracer import cgroups
+        from episode_tracer import cgroups
 
         cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / (episode_id + "-2"))
 
@@ -303,6 +303,6 @@ def test_handoff_clients_killed(tracer, tmp_path, episode_id):
     # outside episodes the clients run (they fail on their own here: no systemd as PID 1)
     out = subprocess.run(["systemd-run", "--version"], capture_output=True, timeout=30)
     assert out.returncode == 0
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     cgroups.remove(cgroups.cgroup2_mount() / "agent-tracer" / (episode_id + "-b"))

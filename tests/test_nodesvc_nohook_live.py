@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from at_testlib import run_in_episode, wait_for
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = sys.executable

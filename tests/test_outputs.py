@@ -13,7 +13,7 @@ import time
 import pytest
 
 from at_testlib import wait_for
-from tracer.outputs import FalcoOutput, HttpOutput, SyslogOutput, build_outputs, falco_event, syslog_message
+from episode_tracer.outputs import FalcoOutput, HttpOutput, SyslogOutput, build_outputs, falco_event, syslog_message
 
 ALERT = {
     "type": "alert", "ts": 1764660000.123456, "rule": "ssh-reverse-tunnel", "severity": "high",
@@ -198,7 +198,7 @@ def test_syslog_socket_missing_counts_drops(tmp_path, outputs):
 
 
 def test_build_outputs_from_config(tmp_path):
-    from tracer import config
+    from episode_tracer import config
 
     f = tmp_path / "config.toml"
     f.write_text('[[outputs]]\ntype = "falco"\nurl = "http://127.0.0.1:2801/"\nname = "sidekick"\n'

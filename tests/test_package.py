@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import tracer
+import episode_tracer
 from at_testlib import LIVE_LOCK, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-PKG = tracer.__name__
+PKG = episode_tracer.__name__
 
 
 def test_one_version_source():
@@ -28,13 +28,13 @@ def test_one_version_source():
     assert meta.get("dynamic") == ["version"] and "version" not in meta
     import importlib.metadata as md
 
-    assert md.version(meta["name"]) == tracer.__version__
+    assert md.version(meta["name"]) == episode_tracer.__version__
 
 
 def test_package_data_found_through_importlib_resources():
     from importlib import resources
 
-    from tracer import paths
+    from episode_tracer import paths
 
     base = Path(str(resources.files(PKG)))
     assert paths.BPF_DIR == base / "bpf" and (paths.BPF_DIR / "tracer.c").is_file()
@@ -44,7 +44,7 @@ def test_package_data_found_through_importlib_resources():
 
 def test_python_m_package_runs():
     r = subprocess.run([sys.executable, "-m", PKG, "--version"], capture_output=True, text=True, cwd="/")
-    assert r.returncode == 0 and tracer.__version__ in r.stdout, r.stderr
+    assert r.returncode == 0 and episode_tracer.__version__ in r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

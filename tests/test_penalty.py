@@ -1,4 +1,4 @@
-"""The penalty hook (tracer/penalty.py) and its docs/examples (a TRL-style
+"""The penalty hook (episode_tracer/penalty.py) and its docs/examples (a TRL-style
 reward function, a Ray actor), run with a stand-in trainer loop: pure
 summaries everywhere; real episodes as root."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer.api import EpisodeResult
-from tracer.penalty import Penalty, penalty
+from episode_tracer.api import EpisodeResult
+from episode_tracer.penalty import Penalty, penalty
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tracer.engine import CANARY_GATE, CANARY_KILL, build_kernel_maps
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
+from episode_tracer.engine import CANARY_GATE, CANARY_KILL, build_kernel_maps
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
 
 PACKS = sorted(POLICY_DIR.glob("*.toml"))
 
@@ -109,7 +109,7 @@ def test_pool_port_connect_is_deny(policy):
 
 # ---------------------------------------------------------------- recorded
 # tests/data/packs/<pack>.jsonl: {"note", "event", "rules"}; `rules` is the
-# exact set of rules the default packs (policies/) fire for the event.
+# exact set of rules the default packs (episode_tracer/policies/) fire for the event.
 import json
 import os
 import socket

@@ -4,9 +4,9 @@ gives zero enforcing false positives, next to the attack cases of the pack
 tests that are stopped; both land in the report's tables and targets."""
 from __future__ import annotations
 
-from tracer.bench import check_targets, render_text
-from tracer.paths import POLICY_DIR
-from tracer.precision import precision_rows, precision_summary
+from episode_tracer.bench import check_targets, render_text
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.precision import precision_rows, precision_summary
 
 
 def test_precision_summary_on_the_shipped_data():

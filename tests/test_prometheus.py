@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from at_testlib import LiveTracer, run_in_episode, wait_for
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer import events
-from tracer.events import Kind
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
-from tracer.protocols import escape, identify
+from episode_tracer import events
+from episode_tracer.events import Kind
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
+from episode_tracer.protocols import escape, identify
 
 
 def client_hello(server_hostname: str | None) -> bytes:
@@ -123,7 +123,7 @@ def test_escape_is_printable_and_bounded():
 # ------------------------------------------------------------------ decoder
 def pack_report(data: bytes, *, family=socket.AF_INET, addr=b"\x0a\x00\x00\x05" + bytes(12), port=443,
                 flags=events.WIRE_HELD, upto=0, cookie=0x1234) -> bytes:
-    """A flow report as bpf/wire.h sends it: the head, then data[0:captured]."""
+    """A flow report as episode_tracer/bpf/wire.h sends it: the head, then data[0:captured]."""
     lay = events.LAYOUTS[Kind.PROTOCOL]
     head = struct.pack(lay.fmt, 123, 456, int(Kind.PROTOCOL), 77, 0, 0, b"innocent", cookie,
                        min(len(data), events.WIRE_CAP), flags, upto, family, port, 40000, 0, 0, addr)
@@ -216,7 +216,7 @@ def test_other_protocols_are_quiet(policy, data):
 
 
 def test_wire_pack_holds_writers():
-    from tracer.engine import wire_hold
+    from episode_tracer.engine import wire_hold
 
     res = load_policy([POLICY_DIR / "base.toml", POLICY_DIR / "wire.toml"])
     assert not res.errors

@@ -1,4 +1,4 @@
-"""The reverse-tunnel shape (tracer/relay.py) on recorded connection
+"""The reverse-tunnel shape (episode_tracer/relay.py) on recorded connection
 snapshots: the pure find_relays and the Scanner's first-seen ages and
 once-per-connection reporting, without root (fakes for sock_diag and
 /proc/<pid>/fd)."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tracer.relay import TCP_ESTABLISHED as EST, TCP_LISTEN as LST, Scanner, Sock, find_relays, is_local
+from episode_tracer.relay import TCP_ESTABLISHED as EST, TCP_LISTEN as LST, Scanner, Sock, find_relays, is_local
 
 NODE = frozenset({"10.0.0.5", "fd00::5"})
 OUT = "203.0.113.9"

@@ -66,7 +66,7 @@ def outside(netns):
 
 
 def test_relay_shape_live(live_tracer, episode_id, second_episode_id, outside, tmp_path):
-    from tracer.paths import POLICY_DIR
+    from episode_tracer.paths import POLICY_DIR
 
     t = live_tracer(policy=True, policy_dirs=[POLICY_DIR], relay_interval=0.3, relay_min_age=1.0).start()
     local = socket.socket()

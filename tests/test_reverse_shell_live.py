@@ -23,7 +23,7 @@ import pytest
 
 from at_testlib import LiveTracer, have, run_in_episode, wait_for
 from nethost import NetHost
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 PY = "/usr/bin/python3"
@@ -181,7 +181,7 @@ def test_renamed_shell_alert_names_the_peer(packs, ext, tools, episode_id):
     # the live exec record carries what the gate saw, so replay judges it the same
     ex = [r for r in packs.find(type="exec", episode=episode_id) if r.get("stdio")]
     assert ex and {s["fd"] for s in ex[0]["stdio"]} == {0, 1, 2} and ex[0]["stdio"][0]["local"] is False
-    from tracer.policy import load_policy, record_context
+    from episode_tracer.policy import load_policy, record_context
 
     pol = load_policy([POLICY_DIR]).policy
     assert "reverse-shell" in {v.rule for v in pol.evaluate(ex[0], record_context(ex[0]))}

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer import episodes as episodes_mod
-from tracer import slots
-from tracer.episodes import CgroupRegistry, Tracker
-from tracer.events import EPISODES_MAX, SLOT_CANARY
-from tracer.state import State
+from episode_tracer import episodes as episodes_mod
+from episode_tracer import slots
+from episode_tracer.episodes import CgroupRegistry, Tracker
+from episode_tracer.events import EPISODES_MAX, SLOT_CANARY
+from episode_tracer.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,8 +217,8 @@ def test_retention_options_are_checked(kw, msg):
 
 
 def test_episode_list_says_how_many_were_dropped_from_view(tmp_path):
-    from tracer.control import ControlServer
-    from tracer.episode_ops import apply_episode_command
+    from episode_tracer.control import ControlServer
+    from episode_tracer.episode_ops import apply_episode_command
 
     st = State(node="n", mode="enforce", policy_version="v", started=0.0, scope="episodes",
                ended_keep=20, ended_keep_s=1e12)
@@ -228,7 +228,7 @@ def test_episode_list_says_how_many_were_dropped_from_view(tmp_path):
     try:
         env = {**os.environ, "AGENT_TRACER_SOCKET": str(sock)}
         cli = [str(ROOT / ".venv/bin/agent-tracer")] if (ROOT / ".venv/bin/agent-tracer").exists() else \
-            [sys.executable, "-m", "tracer.cli"]
+            [sys.executable, "-m", "episode_tracer.cli"]
         p = subprocess.run(cli + ["episode", "list", "--json"], env=env, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         import json
@@ -243,17 +243,17 @@ def test_episode_list_says_how_many_were_dropped_from_view(tmp_path):
 
 
 # ---------------------------------------------------------------- imports
-HEAVY = ("tracer.bench", "tracer.dashboard", "tracer.policy", "tracer.engine", "tracer.probes", "tracer.runtime",
-         "tracer.control", "tracer.episodes", "tracer.events", "rich", "bcc", "logging")
+HEAVY = ("episode_tracer.bench", "episode_tracer.dashboard", "episode_tracer.policy", "episode_tracer.engine", "episode_tracer.probes", "episode_tracer.runtime",
+         "episode_tracer.control", "episode_tracer.episodes", "episode_tracer.events", "rich", "bcc", "logging")
 
 IMPORTS = f"""
 import sys
-import tracer.api as api
+import episode_tracer.api as api
 class R:
     killed_by_policy = False
     cli_exit_code = 0
 api.run_episode = lambda *a, **k: R()
-from tracer.cli import main
+from episode_tracer.cli import main
 try:
     main(["episode", "run", "--id", "x", "--", "/bin/true"])
 except SystemExit as e:
@@ -272,7 +272,7 @@ def test_episode_run_imports_only_what_it_needs():
 def test_the_lazy_commands_are_still_there():
     from click.testing import CliRunner
 
-    from tracer.cli import main
+    from episode_tracer.cli import main
 
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0
@@ -283,13 +283,13 @@ def test_the_lazy_commands_are_still_there():
 
 ENTRY_IMPORTS = f"""
 import sys
-import tracer.api as api
+import episode_tracer.api as api
 class R:
     killed_by_policy = False
     cli_exit_code = 0
 seen = []
 api.run_episode = lambda *a, **k: seen.append((a, k)) or R()
-from tracer.entry import main
+from episode_tracer.entry import main
 sys.argv = ["agent-tracer", "episode", "run", "--id", "x", "--timeout", "5", "--", "/bin/true", "-v"]
 try:
     main()
@@ -317,7 +317,7 @@ def test_the_console_script_starts_an_episode_without_click():
     (["--bogus", "--id", "x", "true"], None), (["--timeout", "soon", "--id", "x", "true"], None), (["--id"], None),
 ])
 def test_the_fast_parser_takes_exactly_what_click_would_or_leaves_it_to_click(args, want):
-    from tracer.entry import parse_episode_run
+    from episode_tracer.entry import parse_episode_run
 
     got = parse_episode_run(args)
     if want is None:
@@ -332,14 +332,14 @@ def test_click_and_the_fast_path_refuse_a_bad_id_alike():
         pytest.skip("the console script is installed by scripts/install.sh")
     fast = subprocess.run(cli + ["episode", "run", "--id", "../x", "--", "/bin/true"], capture_output=True, text=True,
                           timeout=60)
-    slow = subprocess.run([sys.executable, "-m", "tracer.cli", "episode", "run", "--id", "../x", "--", "/bin/true"],
+    slow = subprocess.run([sys.executable, "-m", "episode_tracer.cli", "episode", "run", "--id", "../x", "--", "/bin/true"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert fast.returncode == slow.returncode == 1
     assert "invalid episode id '../x'" in fast.stderr and "invalid episode id '../x'" in slow.stderr
 
 
 def test_bench_scale_slope_and_tables():
-    from tracer.bench_scale import scale_tables, slope_per_1000
+    from episode_tracer.bench_scale import scale_tables, slope_per_1000
 
     assert slope_per_1000([(0, 100.0), (1000, 101.0), (2000, 102.0)]) == pytest.approx(1.0)
     assert slope_per_1000([(0, 5.0), (10_000, 5.0)]) == 0

@@ -25,7 +25,7 @@ PY = sys.executable
 
 
 def ep_root() -> Path:
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     return cgroups.cgroup2_mount() / "agent-tracer"
 
@@ -76,8 +76,8 @@ def control(tmp_path):
     made = []
 
     def make(tracer):
-        from tracer.control import ControlServer
-        from tracer.episode_ops import apply_episode_command
+        from episode_tracer.control import ControlServer
+        from episode_tracer.episode_ops import apply_episode_command
 
         path = tmp_path / "control.sock"
         srv = ControlServer(path, lambda: {}, lambda cmd, args: apply_episode_command(tracer.rt, None, cmd, args))
@@ -94,7 +94,7 @@ def control(tmp_path):
 def cleanup_episodes():
     ids: list[str] = []
     yield ids
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     for ep in ids:
         try:
@@ -107,7 +107,7 @@ def foreign_episodes() -> int:
     """Episodes already on this shared machine (cgroups under agent-tracer/,
     AGENT_EPISODE_ID processes): a tracer started now takes an identity for
     each, so a test's --max-episodes counts them in."""
-    from tracer.episode_ops import offline_episodes
+    from episode_tracer.episode_ops import offline_episodes
 
     return len(offline_episodes())
 
@@ -132,9 +132,9 @@ def connect_cmd(port):
 
 
 def test_identity_wraps_and_per_episode_rules_follow(live_tracer, control, listener, tmp_path, cleanup_episodes):
-    from tracer import slots
-    from tracer.api import run_episode
-    from tracer.events import SLOT_CANARY
+    from episode_tracer import slots
+    from episode_tracer.api import run_episode
+    from episode_tracer.events import SLOT_CANARY
 
     start_gen = slots.GEN_COUNT - 2  # the generations cross the top within the first uses
     t = live_tracer(policy=True, policy_dirs=[per_episode_policy(tmp_path, listener.port)], monitor=False,
@@ -179,7 +179,7 @@ def test_identity_wraps_and_per_episode_rules_follow(live_tracer, control, liste
 
 
 def test_limit_refuses_with_clear_error_and_fails_closed(live_tracer, control, tmp_path, cleanup_episodes):
-    from tracer.api import EpisodeError, run_episode
+    from episode_tracer.api import EpisodeError, run_episode
 
     base = foreign_episodes()
     t = live_tracer(max_episodes=base + 2).start()
@@ -223,7 +223,7 @@ def test_limit_refuses_with_clear_error_and_fails_closed(live_tracer, control, t
     hold.write_text("")
     for th in running:
         th.join(timeout=30)
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     cgroups.remove(cg)
     assert wait_for(lambda: len(t.rt.tracker.slots) <= base, timeout=30)
@@ -243,7 +243,7 @@ def _round(t, listener, tag, cleanup, lagging=False):
     ring buffer until every episode has ended and its cgroup is gone, then
     are drained with a directory scan after every 32nd episode start (what
     the periodic scan does when the loop lags behind the kernel)."""
-    from tracer.api import run_episode
+    from episode_tracer.api import run_episode
 
     eps = [f"c{tag}-{i}" for i in range(N_CONCURRENT)]
     cleanup.extend(eps)

@@ -15,8 +15,8 @@ import pytest
 
 from at_testlib import LiveTracer, run_in_episode, wait_for
 from test_config import swap_configmap
-from tracer import config
-from tracer.paths import POLICY_DIR
+from episode_tracer import config
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 
@@ -86,7 +86,7 @@ def test_metrics_and_healthz_with_the_default_packs(tmp_path, episode_id):
 
 
 def test_healthz_503_names_the_failed_selftest():
-    from tracer.metrics import Metrics, health_from_ready
+    from episode_tracer.metrics import Metrics, health_from_ready
 
     rec = {"programs": ["tracepoint:x"], "policy_version": "v", "selftest": {
         "connect_deny": "ok", "exec_gate": "failed: gated exec was not stopped"}}

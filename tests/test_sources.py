@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer import config
-from tracer.sources import (ContainerSource, ContainersConfig, Resolver, match_path, parse_config,
+from episode_tracer import config
+from episode_tracer.sources import (ContainerSource, ContainersConfig, Resolver, match_path, parse_config,
                             parse_kube_path)
 
 CID = "3f9c2d1e0b7a4c5d6e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012a3b4c5d"
@@ -130,7 +130,7 @@ def test_pending_until_the_runtime_writes_its_state_then_decided(tmp_path, monke
     path = f"/machine.slice/libpod-{CID}.scope"
     cg_dir = tmp_path / "cg" / path.strip("/")
     cg_dir.mkdir(parents=True)
-    monkeypatch.setattr("tracer.sources._abs", lambda p: str(tmp_path / "cg" / p.strip("/")))
+    monkeypatch.setattr("episode_tracer.sources._abs", lambda p: str(tmp_path / "cg" / p.strip("/")))
     assert src.classify(7, path, 0.0) is None and 7 in src.pending  # the cgroup first, its state after
     _state(tmp_path, CID, {"agent-tracer.episode": "r-1"})
     [(cg, got_path, d)] = src.retry(0.1)
@@ -145,7 +145,7 @@ def test_unlabelled_bad_label_and_unresolved_are_not_episodes(tmp_path, monkeypa
     src = ContainerSource(cfg)
     assert src.classify(1, f"/docker/{a}", 0.0) is None and src.unlabelled == 1
     assert src.classify(2, f"/docker/{b}", 0.0) is None and src.bad_label == 1
-    monkeypatch.setattr("tracer.sources._abs", lambda p: str(tmp_path))  # the cgroup still exists
+    monkeypatch.setattr("episode_tracer.sources._abs", lambda p: str(tmp_path))  # the cgroup still exists
     assert src.classify(3, f"/docker/{'c' * 64}", 0.0) is None and 3 in src.pending
     assert src.retry(10.0) == [] and src.unresolved == 1 and not src.pending
 
@@ -188,7 +188,7 @@ def test_labels_from_a_docker_api_socket(tmp_path):
 
 
 def test_doctor_says_path_rules_only_when_no_runtime_is_reachable(tmp_path):
-    from tracer.sources import doctor_line
+    from episode_tracer.sources import doctor_line
 
     cfg = ContainersConfig(runtime_sockets=[str(tmp_path / "none.sock")], state_dirs=[str(tmp_path / "x/{id}/status")])
     ok, detail = doctor_line(cfg)

@@ -36,7 +36,7 @@ def parent():
     """The parent cgroup every test here makes its cgroups in (a runtime's
     or a sandbox manager's own tree, outside agent-tracer/)."""
     _need_root()
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     mount = cgroups.cgroup2_mount()
     ctl = mount / "cgroup.subtree_control"
@@ -66,7 +66,7 @@ def parent():
 
 @pytest.fixture(scope="module")
 def tracer(parent):
-    from tracer.paths import POLICY_DIR
+    from episode_tracer.paths import POLICY_DIR
 
     rules = [{"pattern": rf"^/{parent.name}/crun-(?P<container>[a-z0-9-]+)$"}]
     t = LiveTracer(policy=True, policy_dirs=[POLICY_DIR], monitor=False,
@@ -99,7 +99,7 @@ def _kill(p: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------ attach
 def test_attached_cgroup_is_an_episode_and_detach_kills_nothing(tracer, parent, bins):
-    from tracer.attach_ops import attach_now, detach_now
+    from episode_tracer.attach_ops import attach_now, detach_now
 
     cg = parent / f"sandbox-{uuid.uuid4().hex[:6]}"
     cg.mkdir()
@@ -159,9 +159,9 @@ def test_attached_cgroup_is_an_episode_and_detach_kills_nothing(tracer, parent, 
 
 
 def test_attach_by_pid_on_the_control_socket_then_kill_acts_on_that_cgroup(tracer, parent, bins, tmp_path):
-    from tracer.api import EpisodeError, attach_episode
-    from tracer.control import ControlServer
-    from tracer.episode_ops import EpisodeOpError, apply_episode_command
+    from episode_tracer.api import EpisodeError, attach_episode
+    from episode_tracer.control import ControlServer
+    from episode_tracer.episode_ops import EpisodeOpError, apply_episode_command
 
     rt = tracer.rt
     sock = tmp_path / "control.sock"
@@ -245,7 +245,7 @@ def _bundle(tmp: Path, rootfs: Path, bins: Path, cgroup_path: str, argv: list[st
 
 def _crun(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """crun in a mount namespace where /sys/fs/cgroup is the cgroup2 mount."""
-    from tracer import cgroups
+    from episode_tracer import cgroups
 
     import tempfile
 

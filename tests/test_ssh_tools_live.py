@@ -13,7 +13,7 @@ import pytest
 
 from at_testlib import LiveTracer, have, run_in_episode, wait_for
 from nethost import NetHost
-from tracer.paths import POLICY_DIR
+from episode_tracer.paths import POLICY_DIR
 
 pytestmark = pytest.mark.root
 ENFORCING = {"deny", "kill", "kill-episode", "freeze-episode"}

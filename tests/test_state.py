@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tracer import state as state_mod
-from tracer.state import ALERT_HISTORY, ENDED_KEEP_MAX, ENDED_KEEP_S, State
+from episode_tracer import state as state_mod
+from episode_tracer.state import ALERT_HISTORY, ENDED_KEEP_MAX, ENDED_KEEP_S, State
 
 T0 = 1_760_000_000.0
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from at_testlib import LIVE_LOCK, wait_for
-from tracer.sdnotify import Notifier
-from tracer.unit import render_unit
+from episode_tracer.sdnotify import Notifier
+from episode_tracer.unit import render_unit
 
 ANALYZE = shutil.which("systemd-analyze")
 
@@ -76,7 +76,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 def test_service_install_writes_unit_config_and_site_dir(tmp_path):
     from click.testing import CliRunner
 
-    from tracer.cli import main
+    from episode_tracer.cli import main
 
     r = CliRunner().invoke(main, ["service", "install", "--root", str(tmp_path), "--no-reload"])
     assert r.exit_code == 0, r.output
@@ -84,7 +84,7 @@ def test_service_install_writes_unit_config_and_site_dir(tmp_path):
     assert "@EXEC@" not in unit and f"ExecStart={Path(sys.executable).parent / 'agent-tracer'} run" in unit
     conf = tmp_path / "etc/agent-tracer/config.toml"
     assert (tmp_path / "etc/agent-tracer/policies.d").is_dir() and (tmp_path / "etc/agent-tracer/config.d").is_dir()
-    from tracer import config
+    from episode_tracer import config
 
     assert config.load(conf)["metrics_listen"] == "127.0.0.1:9464"  # the shipped default config is valid
     conf.write_text("monitor = true\n")
@@ -131,7 +131,7 @@ def test_run_under_a_notify_socket_reload_reopen_and_stop(tmp_path):
     env = {**os.environ, "NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "600000"}
     lock = open(LIVE_LOCK, "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # one live tracer at a time on this machine
-    p = subprocess.Popen([sys.executable, "-m", "tracer", "run", "--config", str(conf), "--no-dashboard"],
+    p = subprocess.Popen([sys.executable, "-m", "episode_tracer", "run", "--config", str(conf), "--no-dashboard"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         ready = wait_for(lambda: ns.seen("READY", "1"), timeout=120)

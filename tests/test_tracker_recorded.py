@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tracer import events
-from tracer.episodes import Tracker, check_episode_id
-from tracer.pipeline import Pipeline
-from tracer.sinks import MemorySink, read_jsonl
+from episode_tracer import events
+from episode_tracer.episodes import Tracker, check_episode_id
+from episode_tracer.pipeline import Pipeline
+from episode_tracer.sinks import MemorySink, read_jsonl
 
 DATA = Path(__file__).parent / "data"
 
@@ -98,7 +98,7 @@ def test_episode_id_validation():
 def test_sweep_drops_gone_processes_outside_episodes_only():
     """Outside episodes the kernel reports no exits (no --all): entries whose
     /proc is gone are swept; live ones and episode members are kept."""
-    from tracer.proctable import Proc, ProcessTable
+    from episode_tracer.proctable import Proc, ProcessTable
 
     gone = 4_194_304 + 7  # above the largest pid_max: never a live process
     t = ProcessTable()

@@ -31,8 +31,8 @@ match = {{ addr = "127.0.0.0/8", port = {port}, episode = {{ glob = "trnapi-*" }
 
 @pytest.fixture
 def served(live_tracer, tmp_path):
-    from tracer.episode_ops import apply_episode_command
-    from tracer.service import _make_state, control_server
+    from episode_tracer.episode_ops import apply_episode_command
+    from episode_tracer.service import _make_state, control_server
 
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
@@ -55,7 +55,7 @@ def served(live_tracer, tmp_path):
 
 
 def test_async_stream_ends_the_rollout_at_the_first_enforced_alert(served):
-    import tracer
+    import episode_tracer
 
     t, sock, port = served
     ep = f"trnapi-{uuid.uuid4().hex[:6]}"
@@ -82,7 +82,7 @@ def test_async_stream_ends_the_rollout_at_the_first_enforced_alert(served):
 
 
 def test_blocking_form_of_a_clean_episode(served):
-    import tracer
+    import episode_tracer
 
     t, sock, _port = served
     ep = f"trnapi-{uuid.uuid4().hex[:6]}"

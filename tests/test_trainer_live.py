@@ -52,8 +52,8 @@ def as_user(user: str, code: str, *args: str, timeout: float = 120) -> subproces
 
 TRAINER = r"""
 import json, sys
-from tracer.api import run_episode
-from tracer.control import ControlClient, ControlError
+from episode_tracer.api import run_episode
+from episode_tracer.control import ControlClient, ControlError
 sock, ep, other = sys.argv[1:4]
 out = {}
 r = run_episode(ep, ["/bin/sh", "-c", "echo hello >/dev/null; exit 3"], control_socket=sock)
@@ -74,7 +74,7 @@ print(json.dumps(out))
 
 OUTSIDER = r"""
 import sys
-from tracer.control import ControlClient, ControlError
+from episode_tracer.control import ControlClient, ControlError
 try:
     print(ControlClient(sys.argv[1]).command("list"))
 except ControlError as e:
@@ -83,9 +83,9 @@ except ControlError as e:
 
 
 def test_trainer_without_root(live_tracer, users):
-    from tracer import cgroups
-    from tracer.service import _make_state, control_server
-    from tracer.episode_ops import apply_episode_command
+    from episode_tracer import cgroups
+    from episode_tracer.service import _make_state, control_server
+    from episode_tracer.episode_ops import apply_episode_command
 
     group, trainer, outsider = users
     base = Path(tempfile.mkdtemp(prefix="at-trainer-", dir="/tmp"))
@@ -136,7 +136,7 @@ def test_trainer_without_root(live_tracer, users):
 
 
 def test_run_episode_starts_inside_its_cgroup_from_a_thread(tmp_path):
-    from tracer.api import run_episode
+    from episode_tracer.api import run_episode
 
     ep = f"helper-{uuid.uuid4().hex[:6]}"
     out = tmp_path / "cg"

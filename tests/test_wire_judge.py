@@ -1,7 +1,7 @@
 """The wire judge on recorded bytes (no root): complete application messages
-from the start of a flow (tracer.protocols.judge), and the flow inspector
+from the start of a flow (episode_tracer.protocols.judge), and the flow inspector
 that turns kernel flow reports into `protocol` records and verdicts
-(tracer.flows), against the default packs."""
+(episode_tracer.flows), against the default packs."""
 from __future__ import annotations
 
 import socket
@@ -10,12 +10,12 @@ import struct
 
 import pytest
 
-from tracer import events
-from tracer.events import Kind
-from tracer.flows import FlowInspector
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
-from tracer.protocols import judge
+from episode_tracer import events
+from episode_tracer.events import Kind
+from episode_tracer.flows import FlowInspector
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
+from episode_tracer.protocols import judge
 
 SUBSCRIBE = b'{"id": 1, "method": "mining.subscribe", "params": ["Mozilla/5.0"]}\n'
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from tracer.api import run_episode
-from tracer.penalty import Penalty, penalty as default_penalty
+from episode_tracer.api import run_episode
+from episode_tracer.penalty import Penalty, penalty as default_penalty
 
 
 class RolloutActor:

@@ -3,7 +3,7 @@
 TRL's GRPOTrainer (and most reward-function APIs like it) calls
 ``reward_fn(prompts, completions, **kwargs) -> list[float]``. Here each
 completion is a shell command the agent proposed; it runs as its own episode
-and the tracer's verdict becomes a reward adjustment (tracer/penalty.py).
+and the tracer's verdict becomes a reward adjustment (episode_tracer/penalty.py).
 
     trainer = GRPOTrainer(model=..., reward_funcs=[make_reward_fn(run_id="exp7")], ...)
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tracer.api import run_episode
-from tracer.penalty import Penalty, penalty as default_penalty
+from episode_tracer.api import run_episode
+from episode_tracer.penalty import Penalty, penalty as default_penalty
 
 
 def make_reward_fn(run_id: str = "run", run: Callable[..., Any] = run_episode,

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from rich.console import Console, RenderableType
 
-from tracer.state import State
+from episode_tracer.state import State
 
 DATA = Path(__file__).parent / "data"
 T0 = 1760000000.0          # ts of the `ready` record of every fixture

@@ -13,10 +13,10 @@ import pytest
 from rich.console import Console
 
 from dash_helpers import T0, state_from
-from tracer.control import ControlClient, ControlError, ControlServer
-from tracer.cpu import CpuSampler, proc_stat
-from tracer.dashboard import run_console
-from tracer.state import State
+from episode_tracer.control import ControlClient, ControlError, ControlServer
+from episode_tracer.cpu import CpuSampler, proc_stat
+from episode_tracer.dashboard import run_console
+from episode_tracer.state import State
 
 
 def test_detail_tracks_processes_listeners_and_end() -> None:
@@ -74,7 +74,7 @@ def test_held_right_now_and_node_strip_data() -> None:
 
 
 def test_detail_is_bounded() -> None:
-    from tracer import episode_detail as ed
+    from episode_tracer import episode_detail as ed
 
     st = State(node="n", mode="enforce", policy_version="v", started=T0, scope="episodes")
     st.observe({"type": "episode_start", "ts": T0, "episode": "big", "source": "cgroup", "root_pid": 1})
@@ -216,8 +216,8 @@ def test_console_feed_held_and_cpu() -> None:
     import os
     import types
 
-    from tracer import console_feed
-    from tracer.console_feed import ConsoleFeed
+    from episode_tracer import console_feed
+    from episode_tracer.console_feed import ConsoleFeed
 
     st = state_from("basic.jsonl")
     gated: dict[int, int] = {}
@@ -261,8 +261,8 @@ def test_console_feed_held_and_cpu() -> None:
 def test_operator_kill_reaches_the_verdict_file(tmp_path: Path) -> None:
     """An operator's kill (episode kill, top's K) is in the episode's verdict file,
     which is how `episode run` knows to exit 86 (the live check: tests/test_top_tmux.py)."""
-    from tracer.api import _operator_killed, read_verdicts
-    from tracer.sinks import VerdictSink
+    from episode_tracer.api import _operator_killed, read_verdicts
+    from episode_tracer.sinks import VerdictSink
 
     sink = VerdictSink(tmp_path)
     sink.write({"type": "episode_command", "ts": 1.0, "episode": "ep-1", "cmd": "freeze", "by": "operator"})

@@ -13,9 +13,9 @@ from rich.segment import Segment
 from rich.style import Style
 
 from dash_helpers import T0, console, load_records, state_from, to_text
-from tracer import dashboard
-from tracer.dashboard import SEVERITY_STYLES, fmt_clock, measure_render, render, render_waiting, sparkline
-from tracer.state import State
+from episode_tracer import dashboard
+from episode_tracer.dashboard import SEVERITY_STYLES, fmt_clock, measure_render, render, render_waiting, sparkline
+from episode_tracer.state import State
 
 SIZES = [(80, 24), (200, 60)]
 

@@ -1,4 +1,4 @@
-"""`agent-tracer top`'s view state machine (tracer/topview.py) without a terminal,
+"""`agent-tracer top`'s view state machine (episode_tracer/topview.py) without a terminal,
 and the screens it selects rendered against a recording console at 80x24 and 200x60."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from rich.segment import Segment
 
 from dash_helpers import T0, console, state_from, to_text
-from tracer.dashboard import render
-from tracer.state import State
-from tracer.topview import (
+from episode_tracer.dashboard import render
+from episode_tracer.state import State
+from episode_tracer.topview import (
     SORTS,
     Action,
     View,
@@ -139,7 +139,7 @@ def test_sort_cycles_alerts_age_cpu_events(snap: dict[str, Any]) -> None:
     assert order["alerts"] == ["agent-zeta-0003", "rollout-7f3a-0001", "coder-sbx-0002"]
     assert order["age"] == ["rollout-7f3a-0001", "coder-sbx-0002", "agent-zeta-0003"]     # oldest first
     assert order["cpu"][0] == "rollout-7f3a-0001" and order["cpu"][-1] == "coder-sbx-0002"
-    # the CPU column appears once the tracer measured CPU (tracer/cpu.py), at both sizes
+    # the CPU column appears once the tracer measured CPU (episode_tracer/cpu.py), at both sizes
     for w, h in SIZES:
         v2 = dataclasses.replace(v, sort="cpu")
         text = to_text(render(snap, w, h, v2), w, h)
@@ -248,7 +248,7 @@ def test_main_screen_with_view(snap: dict[str, Any], width: int, height: int) ->
 
 
 def test_many_episodes_window_follows_selection() -> None:
-    from tracer.dashboard import synthetic_snapshot
+    from episode_tracer.dashboard import synthetic_snapshot
 
     snap = synthetic_snapshot(300, 20)
     v = sync(View(), snap)

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from tracer.policy import LoadResult, Policy, load_policy
+from episode_tracer.policy import LoadResult, Policy, load_policy
 
 DATA = Path(__file__).parent / "data"
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from tracer.policy import Action, Kind, Policy, Rule, Scope, Severity, Verdict
+from episode_tracer.policy import Action, Kind, Policy, Rule, Scope, Severity, Verdict
 
 from .helpers import DATA, load_ok
 
@@ -66,7 +66,7 @@ def test_severity_rank_and_action_enforces() -> None:
 
 
 def test_load_result_counts() -> None:
-    from tracer.policy import load_policy
+    from episode_tracer.policy import load_policy
 
     res = load_policy([DATA / "eval" / "overrides"])
     assert res.ok and isinstance(res.policy, Policy)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.policy.argv import Opt, OptSpec, flag_matches, parse_getopt, scan_options
-from tracer.policy.model import OptionsEnd
+from episode_tracer.policy.argv import Opt, OptSpec, flag_matches, parse_getopt, scan_options
+from episode_tracer.policy.model import OptionsEnd
 
 SSH_GETOPT = "46AaCfGgKkMNnqsTtVvXxYyB:b:c:D:E:e:F:I:i:J:L:l:m:O:o:p:Q:R:S:W:w:"
 _, SSH_VALUES = parse_getopt(SSH_GETOPT)

@@ -1,4 +1,4 @@
-"""policies/base.toml: the shared ssh macros behave as documented."""
+"""episode_tracer/policies/base.toml: the shared ssh macros behave as documented."""
 from __future__ import annotations
 
 import shutil
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import paths
+from episode_tracer import paths
 
 from .helpers import load_ok, write
 

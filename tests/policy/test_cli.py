@@ -5,8 +5,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tracer import paths
-from tracer.policy.cli import policy
+from episode_tracer import paths
+from episode_tracer.policy.cli import policy
 
 from .helpers import DATA, write
 
@@ -87,6 +87,6 @@ def test_help_has_examples() -> None:
 
 
 def test_packaged_policies_are_valid() -> None:
-    """Whatever ships in policies/ must pass `policy check` (warnings allowed)."""
+    """Whatever ships in episode_tracer/policies/ must pass `policy check` (warnings allowed)."""
     res = run(str(paths.POLICY_DIR))
     assert res.exit_code == 0, res.output

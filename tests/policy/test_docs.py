@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.policy import Kind, load_policy
+from episode_tracer.policy import Kind, load_policy
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "policies.md"
 

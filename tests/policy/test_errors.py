@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.policy import Level, load_policy
+from episode_tracer.policy import Level, load_policy
 
 from .helpers import DATA, load_text, messages, write
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.policy import EvalContext, record_context
+from episode_tracer.policy import EvalContext, record_context
 
 from .helpers import DATA, load_ok, read_cases, write
 

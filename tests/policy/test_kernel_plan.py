@@ -4,8 +4,8 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from tracer.policy import DenyRule, KernelPlan, Scope
-from tracer.policy.kernel import comm_of
+from episode_tracer.policy import DenyRule, KernelPlan, Scope
+from episode_tracer.policy.kernel import comm_of
 
 from .helpers import DATA, load_ok, load_text
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer.paths import POLICY_DIR
-from tracer.policy import load_policy, record_context
-from tracer.policy.conditions import domain_matches, hosts_in
-from tracer.policy.sshconfig import ssh_option_directives
-from tracer.stdio import parse_table, peer_is_local, stdio_sockets
+from episode_tracer.paths import POLICY_DIR
+from episode_tracer.policy import load_policy, record_context
+from episode_tracer.policy.conditions import domain_matches, hosts_in
+from episode_tracer.policy.sshconfig import ssh_option_directives
+from episode_tracer.stdio import parse_table, peer_is_local, stdio_sockets
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "policies.md"
 

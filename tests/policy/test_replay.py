@@ -1,7 +1,7 @@
-"""tracer.policy.replay: recorded events in, alert dicts out."""
+"""episode_tracer.policy.replay: recorded events in, alert dicts out."""
 from __future__ import annotations
 
-from tracer.policy.replay import replay
+from episode_tracer.policy.replay import replay
 
 from .helpers import DATA, load_ok
 

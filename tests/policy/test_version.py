@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.policy.version import content_hash
+from episode_tracer.policy.version import content_hash
 
 from .helpers import load_ok, write
 

@@ -1,4 +1,0 @@
-"""`python -m tracer`: the agent-tracer command line."""
-from .cli import main
-
-main(prog_name="agent-tracer")
