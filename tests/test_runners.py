@@ -1,5 +1,5 @@
-"""The runner watch (tracer/runners.py) and the pin layout version
-(tracer/pins.py), without root: real processes, a registry in tmp_path."""
+"""The runner watch (episode_tracer/runners.py) and the pin layout version
+(episode_tracer/pins.py), without root: real processes, a registry in tmp_path."""
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from at_testlib import wait_for
-from tracer.pins import layout_version
-from tracer.runners import RunnerWatch, register, unregister
+from episode_tracer.pins import layout_version
+from episode_tracer.runners import RunnerWatch, register, unregister
 
 
 @dataclass
