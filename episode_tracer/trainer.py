@@ -1,6 +1,6 @@
 """The trainer API: an episode as an object, its verdicts live, blocking or asyncio.
 
-    import episode_tracer
+    import episode_tracer as tracer
 
     async with tracer.episode("exp7-s3-r0", ["python", "agent.py"]) as ep:
         async for v in ep.verdicts():          # alerts as they happen, then {"type": "end", ...}

@@ -30,8 +30,8 @@ have=$(. /etc/os-release; echo "${VERSION_CODENAME:-unknown}")
 ARCH=$(dpkg --print-architecture)
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || die "$PY not found: run scripts/install.sh first"
-VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
 DIST=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["name"])')
+VERSION=$("$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$DIST")
 PYVER=$(/usr/bin/python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 NAME=agent-tracer-bundle-$VERSION-$DISTRO-$ARCH
 STAGE=$(mktemp -d)

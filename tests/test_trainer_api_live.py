@@ -55,7 +55,7 @@ def served(live_tracer, tmp_path):
 
 
 def test_async_stream_ends_the_rollout_at_the_first_enforced_alert(served):
-    import episode_tracer
+    import episode_tracer as tracer
 
     t, sock, port = served
     ep = f"trnapi-{uuid.uuid4().hex[:6]}"
@@ -82,7 +82,7 @@ def test_async_stream_ends_the_rollout_at_the_first_enforced_alert(served):
 
 
 def test_blocking_form_of_a_clean_episode(served):
-    import episode_tracer
+    import episode_tracer as tracer
 
     t, sock, _port = served
     ep = f"trnapi-{uuid.uuid4().hex[:6]}"
