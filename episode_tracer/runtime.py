@@ -254,6 +254,13 @@ class Runtime:
     # ------------------------------------------------- kernel map membership
     def _sync_kernel(self, rec: dict[str, Any]) -> None:
         t = rec["type"]
+        if t in ("exec", "fork") and rec.get("episode") in self.tracker.refused:
+            # a process that entered a refused episode's cgroup after the
+            # refusal's kill (a cgroup made by hand, filled later): killed too
+            self._fail_closed(rec["episode"], "refused episode: a process joined after the refusal")
+            if t == "exec":
+                self._kill_pid(rec.get("pid"), "refused episode")
+            return
         if t == "episode_start":
             e = self.tracker.episodes.get(rec["episode"])
             if e is not None:
